@@ -1,0 +1,1 @@
+"""Triggers: the beat schedule, dependency and composite canvas, reactive triggers."""

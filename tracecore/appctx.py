@@ -1,0 +1,30 @@
+"""The Flask application every Trace process runs inside: settings, database, plugins.
+
+The API adds its blueprints on top (``web.app``); workers and beat use it bare so that
+Celery tasks run inside an app context with the same session rules as requests.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from . import operators
+from .db import db, sqlalchemy_url
+from .settings import Settings, get_settings
+
+
+def create_base_app(settings: Settings | None = None, name: str = "trace") -> Flask:
+    settings = settings or get_settings()
+    if not settings.database_url:
+        raise ValueError("settings.database_url is unset: start embedded services or set TRACE_DATABASE_URL")
+    app = Flask(name)
+    app.config["TRACE_SETTINGS"] = settings
+    app.config["SQLALCHEMY_DATABASE_URI"] = sqlalchemy_url(settings.database_url)
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+    db.init_app(app)
+    operators.load_plugins(settings.plugins)
+    return app
+
+
+def settings_of(app: Flask) -> Settings:
+    return app.config["TRACE_SETTINGS"]

@@ -1,0 +1,10 @@
+"""Imports every model so that ``Base.metadata`` is complete (Alembic, tests)."""
+
+from .audit import AuditLog
+from .dags import Dag, DagVersion, Job
+from .db import Base
+from .orgs import ApiToken, Membership, Org, User
+from .runs import Attempt, Run, Task
+
+__all__ = ["ApiToken", "Attempt", "AuditLog", "Base", "Dag", "DagVersion", "Job", "Membership", "Org", "Run",
+           "Task", "User"]

@@ -1,0 +1,160 @@
+"""Tenancy: orgs, users, their memberships (roles) and API tokens.
+
+Every row that belongs to a tenant carries ``org_id``; an API token is bound to one
+org and acts with its user's role there. Only a SHA-256 of a token is stored, so a
+leaked database does not leak credentials; the token itself is shown once.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, String, Uuid, func, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .db import Base, created_at, db, uuid_pk
+from .exceptions import Conflict, NotFound, PermissionDenied, Unauthenticated, ValidationError
+
+TOKEN_PREFIX = "trc_"
+
+
+class Role(enum.IntEnum):
+    """Ordered: a higher role can do everything a lower one can."""
+
+    reader = 1
+    writer = 2
+    admin = 3
+
+    @classmethod
+    def parse(cls, name: str) -> "Role":
+        try:
+            return cls[name]
+        except KeyError:
+            raise ValidationError(f"unknown role {name!r}; one of reader, writer, admin",
+                                  path="role", code="unknown_role") from None
+
+
+class Org(Base):
+    __tablename__ = "orgs"
+    id: Mapped[uuid.UUID] = uuid_pk()
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    created_at: Mapped[datetime] = created_at()
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[uuid.UUID] = uuid_pk()
+    email: Mapped[str] = mapped_column(String(254), unique=True, nullable=False)
+    is_installation_admin: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = created_at()
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+    __table_args__ = (CheckConstraint("role IN ('reader', 'writer', 'admin')", name="role"),)
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = created_at()
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    display_prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = created_at()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: resolved once per request from the bearer token."""
+
+    user_id: uuid.UUID
+    org_id: uuid.UUID
+    role: Role
+    is_installation_admin: bool
+    token_id: uuid.UUID
+
+    def require(self, role: Role) -> None:
+        if self.role < role:
+            raise PermissionDenied(f"this needs the {role.name} role; the token has {self.role.name}")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_org(name: str) -> Org:
+    if not name or len(name) > 64:
+        raise ValidationError("org name must be 1 to 64 characters", path="name")
+    if db.session.scalar(select(Org.id).where(Org.name == name)) is not None:
+        raise Conflict(f"an org named {name!r} exists", code="org_exists")
+    org = Org(name=name)
+    db.session.add(org)
+    db.session.flush()
+    return org
+
+
+def get_or_create_user(email: str, *, installation_admin: bool = False) -> User:
+    user = db.session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = User(email=email, is_installation_admin=installation_admin)
+        db.session.add(user)
+        db.session.flush()
+    return user
+
+
+def add_member(org: Org, user: User, role: Role) -> Membership:
+    membership = db.session.get(Membership, (org.id, user.id))
+    if membership is None:
+        membership = Membership(org_id=org.id, user_id=user.id, role=role.name)
+        db.session.add(membership)
+    else:
+        membership.role = role.name
+    db.session.flush()
+    return membership
+
+
+def issue_token(org_id: uuid.UUID, user_id: uuid.UUID, name: str = "") -> tuple[ApiToken, str]:
+    """Create a token; the clear text is returned here and never again."""
+    if db.session.get(Membership, (org_id, user_id)) is None:
+        raise NotFound("no such member in this org")
+    clear = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(org_id=org_id, user_id=user_id, name=name, token_hash=hash_token(clear),
+                     display_prefix=clear[:10])
+    db.session.add(token)
+    db.session.flush()
+    return token, clear
+
+
+def authenticate(clear: str) -> Principal:
+    """Resolve a bearer token in one query; an unknown, revoked or expired token is 401."""
+    row = db.session.execute(
+        select(ApiToken.id, ApiToken.org_id, ApiToken.user_id, Membership.role, User.is_installation_admin)
+        .join(Membership, (Membership.org_id == ApiToken.org_id) & (Membership.user_id == ApiToken.user_id))
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == hash_token(clear), ApiToken.revoked_at.is_(None),
+               (ApiToken.expires_at.is_(None)) | (ApiToken.expires_at > func.now()))
+    ).first()
+    if row is None:
+        raise Unauthenticated("unknown, revoked or expired token")
+    return Principal(user_id=row.user_id, org_id=row.org_id, role=Role[row.role],
+                     is_installation_admin=row.is_installation_admin, token_id=row.id)
+
+
+def revoke_token(org_id: uuid.UUID, token_id: uuid.UUID) -> None:
+    result = db.session.execute(update(ApiToken).where(ApiToken.id == token_id, ApiToken.org_id == org_id)
+                                .values(revoked_at=func.now()))
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise NotFound("no such token")

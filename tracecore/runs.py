@@ -1,0 +1,240 @@
+"""Runs, tasks and attempts, and the one state machine they follow.
+
+A Run is one triggering of a job (or a DAG); its Tasks are the units that get leased;
+each lease of a task is an Attempt. The transitions below are the only ones allowed:
+the first migration compiles them into PostgreSQL triggers, so a buggy or stale
+writer is stopped by the database, not only by this module.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text, Uuid,
+                        func, select, text)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .db import Base, created_at, db, uuid_pk
+from .exceptions import NotFound, ValidationError
+
+RUN_CAUSES = ("schedule", "webhook", "data", "dependency", "composite", "manual", "rerun")
+
+RUN_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "queued": ("running", "succeeded", "failed", "canceled"),
+    "running": ("succeeded", "failed", "canceled"),
+    "succeeded": (),
+    "failed": (),
+    "canceled": (),
+}
+
+TASK_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "queued": ("running", "canceled"),
+    # running -> running: another worker took over an expired lease (fence + 1).
+    # running -> queued: the reaper hands an expired lease back to the queue.
+    "running": ("running", "queued", "retrying", "succeeded", "dead_letter", "canceled"),
+    "retrying": ("running", "canceled"),
+    "succeeded": (),
+    "dead_letter": (),
+    "canceled": (),
+}
+
+ATTEMPT_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "running": ("succeeded", "failed", "fenced", "lost"),
+    # A lost attempt (its worker seemed dead) that later tries to write is fenced.
+    "lost": ("fenced",),
+    "succeeded": (),
+    "failed": (),
+    "fenced": (),
+}
+
+TERMINAL_TASK_STATES = tuple(state for state, nexts in TASK_TRANSITIONS.items() if not nexts)
+TERMINAL_RUN_STATES = tuple(state for state, nexts in RUN_TRANSITIONS.items() if not nexts)
+
+
+def _in(column: str, values: tuple[str, ...] | list[str]) -> str:
+    return f"{column} IN ({', '.join(repr(value) for value in values)})"
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        CheckConstraint(_in("state", list(RUN_TRANSITIONS)), name="state"),
+        CheckConstraint(_in("cause", RUN_CAUSES), name="cause"),
+        CheckConstraint(f"({_in('state', TERMINAL_RUN_STATES)}) = (finished_at IS NOT NULL)", name="finished"),
+        Index("ix_runs_org_created", "org_id", "created_at"),
+        Index("ix_runs_job_created", "job_id", "created_at"),
+    )
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("jobs.id"))
+    dag_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("dags.id"))
+    cause: Mapped[str] = mapped_column(String(16), nullable=False)
+    triggered_by: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id"))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    config_overrides: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    created_at: Mapped[datetime] = created_at()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint(_in("state", list(TASK_TRANSITIONS)), name="state"),
+        CheckConstraint("fence >= 0", name="fence"),
+        CheckConstraint("state <> 'running' OR (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)",
+                        name="running_has_lease"),
+        CheckConstraint(f"({_in('state', TERMINAL_TASK_STATES)}) = (finished_at IS NOT NULL)", name="finished"),
+        CheckConstraint("state <> 'retrying' OR next_attempt_at IS NOT NULL", name="retry_has_time"),
+        Index("ix_tasks_run", "run_id"),
+        # The reaper's scans: only live rows are indexed.
+        Index("ix_tasks_lease_expiry", "lease_expires_at", postgresql_where=text("state = 'running'")),
+        Index("ix_tasks_waiting", "updated_at", postgresql_where=text("state IN ('queued', 'retrying')")),
+    )
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    run_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id"), nullable=False)
+    partition_key: Mapped[str] = mapped_column(String(256), nullable=False, default="")
+    window: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    fence: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_retries: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = created_at()
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+    __table_args__ = (
+        CheckConstraint(_in("state", list(ATTEMPT_TRANSITIONS)), name="state"),
+        CheckConstraint("(state = 'running') = (finished_at IS NULL)", name="finished"),
+        # One attempt per lease, and at most one live attempt per task.
+        Index("uq_attempts_task_fence", "task_id", "fence", unique=True),
+        Index("uq_attempts_one_running", "task_id", unique=True, postgresql_where=text("state = 'running'")),
+    )
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    task_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False)
+    number: Mapped[int] = mapped_column(Integer, nullable=False)
+    fence: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    worker: Mapped[str] = mapped_column(String(256), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="running")
+    exit_reason: Mapped[str | None] = mapped_column(String(32))
+    error_type: Mapped[str | None] = mapped_column(String(256))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    stack_trace: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                                 server_default=func.clock_timestamp())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[float | None] = mapped_column()
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    log_location: Mapped[str | None] = mapped_column(Text)
+
+
+def transition_trigger_sql(table: str, transitions: dict[str, tuple[str, ...]]) -> str:
+    """A BEFORE UPDATE trigger that refuses any state change not in ``transitions``.
+
+    Also refuses a fence that goes down, for tables that have one.
+    """
+    cases = "\n".join(
+        f"    WHEN {state!r} THEN allowed := NEW.state IN ({', '.join(repr(n) for n in nexts) or 'NULL'});"
+        for state, nexts in transitions.items())
+    fence_check = ""
+    changed = "NEW.state IS DISTINCT FROM OLD.state"
+    if table == "tasks":
+        changed += " OR (OLD.state = 'running' AND NEW.fence IS DISTINCT FROM OLD.fence)"
+        fence_check = """
+  IF NEW.fence < OLD.fence THEN
+    RAISE EXCEPTION 'tasks.fence may only grow (% -> %)', OLD.fence, NEW.fence USING ERRCODE = 'check_violation';
+  END IF;
+  IF OLD.state = 'running' AND NEW.state = 'running' AND NEW.fence = OLD.fence
+     AND NEW.lease_owner IS DISTINCT FROM OLD.lease_owner THEN
+    RAISE EXCEPTION 'a new lease owner needs a new fence' USING ERRCODE = 'check_violation';
+  END IF;"""
+    return f"""
+CREATE OR REPLACE FUNCTION trace_{table}_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE allowed boolean;
+BEGIN
+  IF {changed} THEN
+    CASE OLD.state
+{cases}
+    ELSE allowed := false;
+    END CASE;
+    IF NOT coalesce(allowed, false) THEN
+      RAISE EXCEPTION '{table}: illegal state transition % -> %', OLD.state, NEW.state
+        USING ERRCODE = 'check_violation';
+    END IF;
+  END IF;{fence_check}
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS trace_{table}_transition ON {table};
+CREATE TRIGGER trace_{table}_transition BEFORE UPDATE ON {table}
+  FOR EACH ROW EXECUTE FUNCTION trace_{table}_transition();
+"""
+
+
+def all_transition_triggers_sql() -> str:
+    return "".join(transition_trigger_sql(table, transitions) for table, transitions in
+                   (("runs", RUN_TRANSITIONS), ("tasks", TASK_TRANSITIONS), ("attempts", ATTEMPT_TRANSITIONS)))
+
+
+def get_run(org_id: uuid.UUID, run_id: uuid.UUID | str) -> Run:
+    try:
+        run_uuid = run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(str(run_id))
+    except ValueError:
+        raise NotFound("no such run") from None
+    run = db.session.scalar(select(Run).where(Run.id == run_uuid, Run.org_id == org_id))
+    if run is None:
+        raise NotFound("no such run")
+    return run
+
+
+def list_runs(org_id: uuid.UUID, *, job_id: uuid.UUID | None = None, state: str | None = None,
+              limit: int = 50) -> list[Run]:
+    if state is not None and state not in RUN_TRANSITIONS:
+        raise ValidationError(f"unknown run status {state!r}", path="status", code="unknown_status",
+                              details={"known": list(RUN_TRANSITIONS)})
+    query = select(Run).where(Run.org_id == org_id)
+    if job_id is not None:
+        query = query.where(Run.job_id == job_id)
+    if state is not None:
+        query = query.where(Run.state == state)
+    return list(db.session.scalars(query.order_by(Run.created_at.desc()).limit(limit)))
+
+
+def tasks_of(run: Run) -> list[Task]:
+    return list(db.session.scalars(select(Task).where(Task.run_id == run.id).order_by(Task.created_at)))
+
+
+def attempts_of(task_ids: list[uuid.UUID]) -> list[Attempt]:
+    if not task_ids:
+        return []
+    return list(db.session.scalars(select(Attempt).where(Attempt.task_id.in_(task_ids))
+                                   .order_by(Attempt.task_id, Attempt.number)))
+
+
+def create_run(*, org_id: uuid.UUID, job_id: uuid.UUID, cause: str, triggered_by: uuid.UUID | None,
+               max_retries: int, parameters: dict[str, Any] | None = None,
+               config_overrides: dict[str, Any] | None = None, window: dict[str, Any] | None = None,
+               dag_id: uuid.UUID | None = None) -> tuple[Run, Task]:
+    """Insert a single-task run; the caller commits, then enqueues the task."""
+    run = Run(org_id=org_id, job_id=job_id, dag_id=dag_id, cause=cause, triggered_by=triggered_by,
+              parameters=parameters or {}, config_overrides=config_overrides or {})
+    db.session.add(run)
+    db.session.flush()
+    task = Task(org_id=org_id, run_id=run.id, job_id=job_id, window=window or {}, max_retries=max_retries)
+    db.session.add(task)
+    db.session.flush()
+    return run, task

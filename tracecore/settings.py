@@ -1,0 +1,113 @@
+"""Every Trace setting, declared once: name, type, default and a one-line doc.
+
+Each setting is read from the environment variable ``TRACE_<NAME>``. The table in
+the README is generated from this module (``trace settings``), so this is the only
+place a setting is documented.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    "str": str, "int": int, "float": float, "bool": _parse_bool, "tuple[str, ...]": _parse_list,
+    "str | None": lambda text: text or None,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str = _setting("./.trace", "Data folder: embedded PostgreSQL and Redis, object store, admin token.")
+    database_url: str | None = _setting(
+        None, "PostgreSQL URL (postgresql://...). Unset: an embedded PostgreSQL under TRACE_HOME.")
+    broker_url: str | None = _setting(
+        None, "Celery broker URL (redis://...). Unset: an embedded Redis under TRACE_HOME.")
+    host: str = _setting("127.0.0.1", "Address the API listens on.")
+    port: int = _setting(8000, "Port the API listens on.")
+    secret_key: str | None = _setting(
+        None, "Key that signs capability tokens. Unset: a random key kept in TRACE_HOME/secret-key.")
+    lease_ttl: float = _setting(120.0, "Seconds a task lease lasts before the reaper may hand the task to another worker.")
+    reaper_interval: float = _setting(15.0, "Seconds between runs of the lease reaper (a beat entry).")
+    retry_base_delay: float = _setting(1.0, "Base of the exponential retry backoff, in seconds (delay = base * 2**n, with jitter).")
+    retry_max_delay: float = _setting(300.0, "Upper bound of one retry delay, in seconds.")
+    max_job_timeout: float = _setting(3600.0, "Longest job timeout allowed, in seconds; the broker's visibility timeout is set above it.")
+    worker_concurrency: int = _setting(2, "Processes per Celery worker started by `trace worker` / `trace up`.")
+    plugins: tuple[str, ...] = _setting(
+        (), "Comma-separated Python modules imported at start that register extra operators.")
+    admin_email: str = _setting("admin@localhost", "Email of the admin user that `trace up` creates on first start.")
+    api_url: str | None = _setting(None, "API base URL the CLI talks to. Unset: http://TRACE_HOST:TRACE_PORT.")
+    token: str | None = _setting(None, "API token the CLI sends. Unset: the one in TRACE_HOME/admin-token.")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read ``TRACE_*`` variables; a malformed value names its variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            variable = f"TRACE_{spec.name.upper()}"
+            if variable in env:
+                parser = _PARSERS[spec.type]
+                try:
+                    values[spec.name] = parser(env[variable])
+                except ValueError as exc:
+                    raise ValueError(f"{variable}: {exc}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    @property
+    def broker_visibility_timeout(self) -> int:
+        """Redis redelivers an unacked message after this; it must outlast every job."""
+        return int(self.max_job_timeout + self.lease_ttl + 60)
+
+    @property
+    def resolved_api_url(self) -> str:
+        return self.api_url or f"http://{self.host}:{self.port}"
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str, str]]:
+        """(variable, type, default, doc) for each setting, for docs and `trace settings`."""
+        return [(f"TRACE_{spec.name.upper()}", str(spec.type), repr(spec.default), spec.metadata["doc"])
+                for spec in fields(cls)]
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current
+
+
+def configure(settings: Settings) -> Settings:
+    """Replace the process's settings (tests, CLI flags)."""
+    global _current
+    _current = settings
+    return settings

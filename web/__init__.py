@@ -1,0 +1,1 @@
+"""The Flask API and UI. Imports tracecore; the workers' Celery app only to enqueue."""

@@ -1,0 +1,151 @@
+"""Runs: trigger a job by hand, list runs, read one with its tasks and attempts."""
+
+from __future__ import annotations
+
+import time
+
+from flask import current_app
+from flask.typing import ResponseReturnValue
+from flask_smorest import Blueprint
+from marshmallow import Schema, fields, validate
+
+from tracecore import dags, runs
+from tracecore.db import db
+from tracecore.orgs import Role
+from tracecore.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
+from workers.app import enqueue
+
+from ..auth import current
+
+blp = Blueprint("runs", __name__, url_prefix="/v1", description="Runs, their tasks and attempts")
+
+
+class RunCreate(Schema):
+    config = fields.Dict(load_default=dict, metadata={"description": "Overrides of the job's config block"})
+    parameters = fields.Dict(load_default=dict)
+
+
+class RunCreated(Schema):
+    run_id = fields.UUID()
+
+
+class RunQuery(Schema):
+    job = fields.String(load_default=None)
+    status = fields.String(load_default=None, validate=validate.OneOf(list(RUN_TRANSITIONS)))
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 500))
+
+
+class RunWait(Schema):
+    wait = fields.Float(load_default=0, validate=validate.Range(0, 30),
+                        metadata={"description": "Seconds to wait for the run to finish before answering"})
+
+
+class AttemptOut(Schema):
+    id = fields.UUID()
+    number = fields.Integer()
+    fence = fields.Integer()
+    worker = fields.String()
+    status = fields.String(attribute="state")
+    exit_reason = fields.String(allow_none=True)
+    error_type = fields.String(allow_none=True)
+    error_message = fields.String(allow_none=True)
+    stack_trace = fields.String(allow_none=True)
+    result = fields.Raw(allow_none=True)
+    started_at = fields.DateTime()
+    finished_at = fields.DateTime(allow_none=True)
+    duration_ms = fields.Float(allow_none=True)
+    peak_memory_bytes = fields.Integer(allow_none=True)
+    log_location = fields.String(allow_none=True)
+
+
+class TaskOut(Schema):
+    id = fields.UUID()
+    job = fields.String()
+    status = fields.String(attribute="state")
+    fence = fields.Integer()
+    lease_owner = fields.String(allow_none=True)
+    lease_expires_at = fields.DateTime(allow_none=True)
+    attempts_count = fields.Integer()
+    max_retries = fields.Integer()
+    next_attempt_at = fields.DateTime(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    window = fields.Dict()
+    created_at = fields.DateTime()
+    finished_at = fields.DateTime(allow_none=True)
+    attempts = fields.List(fields.Nested(AttemptOut))
+
+
+class RunOut(Schema):
+    id = fields.UUID()
+    job = fields.String(allow_none=True)
+    cause = fields.String()
+    status = fields.String(attribute="state")
+    triggered_by = fields.UUID(allow_none=True)
+    parameters = fields.Dict()
+    config_overrides = fields.Dict()
+    created_at = fields.DateTime()
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+    tasks = fields.List(fields.Nested(TaskOut))
+
+
+def _job_names(job_ids: set) -> dict:
+    if not job_ids:
+        return {}
+    rows = db.session.execute(db.select(dags.Job.id, dags.Job.name).where(dags.Job.id.in_(job_ids)))
+    return dict(rows.all())
+
+
+def _run_out(run: runs.Run, *, detail: bool, names: dict) -> dict:
+    out = {column: getattr(run, column) for column in
+           ("id", "cause", "state", "triggered_by", "parameters", "config_overrides", "created_at",
+            "started_at", "finished_at")}
+    out["job"] = names.get(run.job_id)
+    if detail:
+        tasks = runs.tasks_of(run)
+        by_task: dict = {}
+        for attempt in runs.attempts_of([task.id for task in tasks]):
+            by_task.setdefault(attempt.task_id, []).append(attempt)
+        names.update(_job_names({task.job_id for task in tasks} - set(names)))
+        out["tasks"] = [{**{column.name: getattr(task, column.name) for column in runs.Task.__table__.columns},
+                         "job": names.get(task.job_id), "attempts": by_task.get(task.id, [])} for task in tasks]
+    return out
+
+
+@blp.route("/jobs/<name>/runs", methods=["POST"])
+@blp.arguments(RunCreate)
+@blp.response(202, RunCreated)
+def trigger_job(body: dict, name: str) -> ResponseReturnValue:
+    principal = current(Role.writer)
+    job = dags.get_job(principal.org_id, name)
+    run, task = runs.create_run(org_id=principal.org_id, job_id=job.id, cause="manual",
+                                triggered_by=principal.user_id, max_retries=job.spec.get("max_retries", 3),
+                                parameters=body["parameters"], config_overrides=body["config"])
+    db.session.commit()
+    enqueue(current_app, task.id)
+    return {"run_id": run.id}
+
+
+@blp.route("/runs")
+@blp.arguments(RunQuery, location="query")
+@blp.response(200, RunOut(many=True))
+def list_runs(query: dict) -> ResponseReturnValue:
+    principal = current()
+    job_id = dags.get_job(principal.org_id, query["job"]).id if query["job"] else None
+    found = runs.list_runs(principal.org_id, job_id=job_id, state=query["status"], limit=query["limit"])
+    names = _job_names({run.job_id for run in found if run.job_id})
+    return [_run_out(run, detail=False, names=names) for run in found]
+
+
+@blp.route("/runs/<run_id>")
+@blp.arguments(RunWait, location="query")
+@blp.response(200, RunOut)
+def get_run(query: dict, run_id: str) -> ResponseReturnValue:
+    principal = current()
+    run = runs.get_run(principal.org_id, run_id)
+    deadline = time.monotonic() + query["wait"]
+    while run.state not in TERMINAL_RUN_STATES and time.monotonic() < deadline:
+        time.sleep(0.05)
+        db.session.rollback()  # ends the snapshot; the next read sees new commits
+        run = runs.get_run(principal.org_id, run_id)
+    return _run_out(run, detail=True, names=_job_names({run.job_id} if run.job_id else set()))

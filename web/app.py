@@ -1,0 +1,31 @@
+"""The Flask app factory: the base app, the REST blueprints, the OpenAPI document."""
+
+from __future__ import annotations
+
+from flask import Flask
+from flask_smorest import Api
+
+from tracecore.appctx import create_base_app
+from tracecore.settings import Settings
+from workers.app import make_celery
+
+from . import auth, errors
+from .api import dags, health, orgs, runs
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    app = create_base_app(settings, name="trace-api")
+    app.config.update(
+        API_TITLE="Trace", API_VERSION="v1", OPENAPI_VERSION="3.1.0", OPENAPI_URL_PREFIX="/v1",
+        OPENAPI_JSON_PATH="openapi.json", JSON_SORT_KEYS=False,
+        API_SPEC_OPTIONS={"components": {"securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API token (trc_...)"}}},
+            "security": [{"bearer": []}]},
+    )
+    api = Api(app)
+    for module in (health, orgs, dags, runs):
+        api.register_blueprint(module.blp)
+    errors.register(app)  # after Api: replaces flask-smorest's own error shape
+    app.before_request(auth.load_principal)
+    make_celery(app)
+    return app

@@ -1,0 +1,1 @@
+"""Celery app, tasks, the dispatcher, sandbox backends and operators."""

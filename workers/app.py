@@ -1,0 +1,72 @@
+"""The Celery app, bound to a Flask app so every task runs inside an app context.
+
+Delivery is at least once (``acks_late`` + ``task_reject_on_worker_lost``, prefetch 1),
+so a message may arrive twice or after its worker died; the lease makes that safe.
+The broker's visibility timeout outlasts the longest job, so Redis never hands a
+message that is still being worked on to a second worker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery import Celery, Task
+from flask import Flask
+
+from tracecore.appctx import create_base_app, settings_of
+
+EXECUTE_TASK = "trace.execute_task"
+REAP_LEASES = "trace.reap_leases"
+
+
+def make_celery(flask_app: Flask) -> Celery:
+    settings = settings_of(flask_app)
+
+    class FlaskTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery = Celery("trace", task_cls=FlaskTask, set_as_current=False)
+    celery.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        result_backend_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="trace",
+        task_serializer="json",
+        accept_content=["json"],
+        result_expires=3600,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={
+            "reap-leases": {"task": REAP_LEASES, "schedule": settings.reaper_interval},
+        },
+    )
+    flask_app.extensions["celery"] = celery
+    return celery
+
+
+def enqueue(flask_app: Flask, task_id: uuid.UUID | str, countdown: float | None = None) -> None:
+    """Send ``execute_task`` for a committed task row."""
+    celery: Celery = flask_app.extensions["celery"]
+    celery.send_task(EXECUTE_TASK, args=[str(task_id)], countdown=countdown, ignore_result=True)
+
+
+def create_worker_app() -> Celery:
+    """Entry point for ``celery -A workers.app:create_worker_app``-style loaders and `trace worker`."""
+    from tracecore import embedded
+    from tracecore.settings import configure, get_settings
+
+    settings = configure(embedded.attach(get_settings()))
+    flask_app = create_base_app(settings, name="trace-worker")
+    celery = make_celery(flask_app)
+    celery.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+    import workers.tasks  # noqa: F401  (registers the tasks on this app)
+
+    return celery

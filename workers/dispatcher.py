@@ -1,0 +1,120 @@
+"""The thin dispatcher: lease, run the operator, record the outcome, schedule a retry.
+
+User-code errors and platform errors are told apart here (the boundary): an operator
+that raises is recorded as ``error`` with its stack trace and retried by policy; a
+fence that moved on means another attempt owns the task, and this one stops quietly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+import uuid
+from typing import Any, Callable
+
+from flask import Flask
+
+from tracecore import lease as leases
+from tracecore.appctx import settings_of
+from tracecore.exceptions import PlatformError, StaleFence, TraceError, UserCodeError
+from tracecore.operators import CATALOG
+
+from .operators import OperatorContext
+
+log = logging.getLogger(__name__)
+
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    """One thread per worker process that keeps every running lease alive.
+
+    Operators run for up to an hour; without renewal the reaper would hand their
+    task to another worker after ``lease_ttl``.
+    """
+
+    def __init__(self, app: Flask) -> None:
+        self._app = app
+        self._leases: dict[uuid.UUID, leases.Lease] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: leases.Lease) -> None:
+        with self._lock:
+            self._leases[lease.task_id] = lease
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="trace-heartbeat", daemon=True)
+                self._thread.start()
+
+    def remove(self, lease: leases.Lease) -> None:
+        with self._lock:
+            self._leases.pop(lease.task_id, None)
+
+    def _loop(self) -> None:
+        ttl = settings_of(self._app).lease_ttl
+        stop = threading.Event()
+        while not stop.wait(ttl / 3):
+            with self._lock:
+                live = list(self._leases.values())
+            with self._app.app_context():
+                for held in live:
+                    try:
+                        leases.renew(held, ttl)
+                    except StaleFence:
+                        log.warning("lease of task %s (fence %s) was lost", held.task_id, held.fence)
+                        self.remove(held)
+
+
+_heartbeats: dict[int, Heartbeat] = {}
+
+
+def _heartbeat(app: Flask) -> Heartbeat:
+    beat = _heartbeats.get(id(app))
+    if beat is None:
+        beat = _heartbeats[id(app)] = Heartbeat(app)
+    return beat
+
+
+def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> str:
+    """Run one delivery of ``execute_task``; answers what happened, for logs and tests."""
+    settings = settings_of(app)
+    held = leases.take(task_id, WORKER_NAME, settings.lease_ttl)
+    if held is None:
+        return "not_leased"
+    heartbeat = _heartbeat(app)
+    heartbeat.add(held)
+    try:
+        outcome, value = _run_operator(OperatorContext(lease=held, settings=settings))
+    finally:
+        heartbeat.remove(held)
+    try:
+        if outcome == "ok":
+            leases.succeed(held, value)
+            return "succeeded"
+        delay = leases.fail(held, value, base_delay=settings.retry_base_delay, max_delay=settings.retry_max_delay)
+    except StaleFence:
+        log.warning("task %s: attempt with fence %s was fenced off", held.task_id, held.fence)
+        return "fenced"
+    if delay is None:
+        return "dead_letter"
+    enqueue(str(held.task_id), delay)
+    return "retrying"
+
+
+def _run_operator(context: OperatorContext) -> tuple[str, Any]:
+    info = CATALOG.get(context.lease.operator)
+    try:
+        if info is None:
+            raise PlatformError(f"operator {context.lease.operator!r} is not in this worker's catalog",
+                                code="unknown_operator")
+        return "ok", info.load()(context)
+    except UserCodeError as exc:
+        return "error", leases.Failure(exc.code if exc.code != "user_code_error" else "error", exc.error_type,
+                                       exc.message, exc.stack_trace or traceback.format_exc())
+    except TraceError as exc:
+        return "error", leases.Failure(exc.code, type(exc).__name__, exc.message, traceback.format_exc())
+    except Exception as exc:  # an operator's own bug: recorded on the attempt, retried by policy
+        return "error", leases.Failure("error", type(exc).__name__, str(exc), traceback.format_exc())

@@ -1,0 +1,20 @@
+"""`trace worker`: a Celery worker on the ``trace`` queue."""
+
+from __future__ import annotations
+
+from tracecore.settings import Settings
+
+
+def run(settings: Settings, *, concurrency: int | None = None, pool: str = "prefork",
+        name: str | None = None) -> None:
+    import os
+
+    from .app import create_worker_app
+
+    celery = create_worker_app()
+    argv = ["worker", "--loglevel=WARNING", f"--concurrency={concurrency or settings.worker_concurrency}",
+            f"--pool={pool}", "--queues=trace", f"--hostname={name or f'trace-{os.getpid()}@%h'}",
+            # Gossip, mingle and events cost start-up time and broker traffic; the
+            # lease, not Celery's view of its peers, is what keeps work exclusive.
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    celery.worker_main(argv)

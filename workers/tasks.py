@@ -1,0 +1,29 @@
+"""Celery tasks. Each is a few lines: the work lives in the dispatcher and tracecore."""
+
+from __future__ import annotations
+
+from celery import current_app, shared_task
+from flask import current_app as flask_app
+
+from tracecore import lease as leases
+
+from . import dispatcher
+from .app import EXECUTE_TASK, REAP_LEASES
+
+
+def _enqueue(task_id: str, countdown: float) -> None:
+    current_app.send_task(EXECUTE_TASK, args=[task_id], countdown=countdown, ignore_result=True)
+
+
+@shared_task(name=EXECUTE_TASK, ignore_result=True)
+def execute_task(task_id: str) -> str:
+    return dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
+
+
+@shared_task(name=REAP_LEASES, ignore_result=True)
+def reap_leases() -> int:
+    settings = flask_app.config["TRACE_SETTINGS"]
+    task_ids = leases.reap(stale_after=settings.lease_ttl)
+    for task_id in task_ids:
+        current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
+    return len(task_ids)
