@@ -158,9 +158,9 @@ class Processes:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        process = subprocess.Popen([sys.executable, "-m", "web.cli", *args], env=process_env(self.settings),
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        with open(self.logs / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen([sys.executable, "-m", "web.cli", *args], env=process_env(self.settings),
+                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         process.log_path = self.logs / f"{name}.log"  # type: ignore[attr-defined]
         self.started.append(process)
         return process

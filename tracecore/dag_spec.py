@@ -289,14 +289,20 @@ def _load(body: bytes | str, content_type: str | None) -> Any:
     media = (content_type or "").split(";")[0].strip().lower()
     is_json = media == "application/json" or media.endswith("+json")
     if media and not is_json and media not in _YAML_TYPES and not media.endswith("+yaml"):
-        raise ValidationError(f"unsupported content type {content_type!r}", path="", code="invalid_body")
+        raise _invalid_body(f"unsupported content type {content_type!r}")
     try:
         text = body.decode("utf-8-sig") if isinstance(body, bytes) else body
         if is_json:
             return json.loads(text, object_pairs_hook=_no_duplicates)
         return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: safe
     except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as exc:
-        raise ValidationError(f"cannot parse the DAG: {exc}", path="", code="invalid_body") from None
+        raise _invalid_body(f"cannot parse the DAG: {exc}") from None
+
+
+def _invalid_body(message: str) -> ValidationError:
+    """The body as a whole is unusable; listed in ``details["errors"]`` like any other problem."""
+    return ValidationError(message, path="", code="invalid_body",
+                           details={"errors": [{"code": "invalid_body", "path": "", "message": message}]})
 
 
 def _type_name(value: Any) -> str:
@@ -404,8 +410,7 @@ class _Parser:
             if not self.check(jobs, "list", "jobs"):
                 jobs = []
         else:
-            raise ValidationError(f"a DAG is a list of jobs or a mapping with 'jobs', got {_type_name(data)}",
-                                  path="", code="invalid_body")
+            raise _invalid_body(f"a DAG is a list of jobs or a mapping with 'jobs', got {_type_name(data)}")
         for i, raw in enumerate(jobs):  # names and outputs first: inputs may point forward
             if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
                 self.first_index.setdefault(raw["name"], i)

@@ -16,13 +16,30 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from .db import db
 from .exceptions import StaleFence
 from .runs import TERMINAL_TASK_STATES
 
+# PostgreSQL NOTIFY channel: payload "<run id> <state>" when a run finishes.
+RUN_FINISHED_CHANNEL = "trace_run_finished"
+
 _TERMINAL = ", ".join(repr(state) for state in TERMINAL_TASK_STATES)
+
+# One task of a run reached a terminal state: count it; the last one finishes the run.
+_COUNT_CLOSED_TASK = """
+  UPDATE runs SET open_tasks = open_tasks - 1, failed_tasks = failed_tasks + {failed},
+         state = CASE WHEN open_tasks > 1 THEN state
+                      WHEN failed_tasks + {failed} > 0 THEN 'failed' ELSE 'succeeded' END,
+         finished_at = CASE WHEN open_tasks > 1 THEN finished_at ELSE now() END
+  WHERE id = {run_id} AND state NOT IN ('succeeded', 'failed', 'canceled') {only_if}
+  RETURNING id, state, finished_at IS NOT NULL AS finished"""
+
+_CLOSE_RUN = _COUNT_CLOSED_TASK.format(
+    run_id="(SELECT run_id FROM closed)",
+    failed="CASE WHEN CAST(:task_state AS varchar) = 'succeeded' THEN 0 ELSE 1 END",
+    only_if=f"AND CAST(:task_state AS varchar) IN ({_TERMINAL}) AND EXISTS (SELECT 1 FROM closed)")
 
 _TAKE = text("""
 WITH leased AS (
@@ -38,8 +55,16 @@ WITH leased AS (
 ), started AS (
   UPDATE runs SET state = 'running', started_at = now()
   WHERE id = (SELECT run_id FROM leased) AND state = 'queued'
+), recorded AS (
+  -- Skipped when a stale attempt is still marked running: the unique index on live
+  -- attempts would see it, so take() records this one after `lost` has committed.
+  INSERT INTO attempts (id, org_id, task_id, number, fence, worker, state)
+  SELECT :attempt_id, org_id, id, attempts_count, fence, :worker, 'running' FROM leased
+  WHERE NOT EXISTS (SELECT 1 FROM attempts WHERE task_id = :task_id AND state = 'running')
+  RETURNING id
 )
-SELECT leased.*, jobs.name AS job_name, jobs.operator, jobs.spec, runs.config_overrides, runs.parameters
+SELECT leased.*, jobs.name AS job_name, jobs.operator, jobs.spec, runs.config_overrides, runs.parameters,
+       EXISTS (SELECT 1 FROM recorded) AS recorded
 FROM leased JOIN jobs ON jobs.id = leased.job_id JOIN runs ON runs.id = leased.run_id
 """)
 
@@ -48,36 +73,27 @@ INSERT INTO attempts (id, org_id, task_id, number, fence, worker, state)
 VALUES (:id, :org_id, :task_id, :number, :fence, :worker, 'running')
 """)
 
-_LOCK_RUN = text("SELECT 1 FROM runs WHERE id = :run_id FOR UPDATE")
-
-# Close the task and its attempt, then the run if this was its last open task. The
-# caller holds the run's row lock, so the counts below see every sibling's commit.
+# Close the task and its attempt; the run's counters make the last task to close
+# finish the run in the same statement (row locks order concurrent closers).
 _CLOSE = text(f"""
 WITH closed AS (
-  UPDATE tasks SET state = CAST(:task_state AS varchar), finished_at = CASE WHEN CAST(:task_state AS varchar) IN ({_TERMINAL}) THEN now() END,
-         next_attempt_at = CASE WHEN CAST(:task_state AS varchar) = 'retrying' THEN now() + make_interval(secs => CAST(:delay AS double precision)) END,
+  UPDATE tasks SET state = CAST(:task_state AS varchar),
+         finished_at = CASE WHEN CAST(:task_state AS varchar) IN ({_TERMINAL}) THEN now() END,
+         next_attempt_at = CASE WHEN CAST(:task_state AS varchar) = 'retrying'
+                                THEN now() + make_interval(secs => CAST(:delay AS double precision)) END,
          last_error = :error_message, updated_at = now()
   WHERE id = :task_id AND fence = :fence AND state = 'running' AND lease_expires_at > now()
   RETURNING run_id, state
 ), attempt AS (
-  UPDATE attempts SET state = CAST(:attempt_state AS varchar), exit_reason = :exit_reason, error_type = :error_type,
-         error_message = :error_message, stack_trace = :stack_trace, result = CAST(:result AS jsonb),
-         finished_at = clock_timestamp(), peak_memory_bytes = :peak_memory_bytes, log_location = :log_location,
-         duration_ms = EXTRACT(EPOCH FROM clock_timestamp() - started_at) * 1000
+  UPDATE attempts SET state = CAST(:attempt_state AS varchar), exit_reason = :exit_reason,
+         error_type = :error_type, error_message = :error_message, stack_trace = :stack_trace,
+         result = CAST(:result AS jsonb), finished_at = clock_timestamp(), peak_memory_bytes = :peak_memory_bytes,
+         log_location = :log_location, duration_ms = EXTRACT(EPOCH FROM clock_timestamp() - started_at) * 1000
   WHERE task_id = :task_id AND fence = :fence AND EXISTS (SELECT 1 FROM closed)
-), siblings AS (
-  SELECT count(*) FILTER (WHERE state NOT IN ({_TERMINAL})) AS open,
-         count(*) FILTER (WHERE state IN ('dead_letter', 'canceled')) AS failed
-  FROM tasks WHERE run_id = :run_id AND id <> :task_id
-), finished_run AS (
-  UPDATE runs SET finished_at = now(),
-         state = CASE WHEN siblings.failed > 0 OR CAST(:task_state AS varchar) <> 'succeeded' THEN 'failed' ELSE 'succeeded' END
-  FROM siblings, closed
-  WHERE runs.id = :run_id AND siblings.open = 0 AND closed.state IN ({_TERMINAL})
-    AND runs.state NOT IN ('succeeded', 'failed', 'canceled')
-  RETURNING runs.state
+), run AS ({_CLOSE_RUN}
 )
-SELECT (SELECT count(*) FROM closed) AS closed, (SELECT state FROM finished_run) AS run_state
+SELECT (SELECT count(*) FROM closed) AS closed, (SELECT state FROM run WHERE finished) AS run_state,
+       (SELECT pg_notify('{RUN_FINISHED_CHANNEL}', id::text || ' ' || state) FROM run WHERE finished) AS notified
 """)
 
 _FENCED = text("""
@@ -133,16 +149,24 @@ class Failure:
     retryable: bool = True
 
 
+def _autocommit() -> Connection:
+    """A pooled connection in autocommit: each hot-path statement is its own transaction,
+    which saves the BEGIN and COMMIT round trips of a session."""
+    return db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
 def take(task_id: uuid.UUID | str, worker: str, ttl: float) -> Lease | None:
     """Take the lease and record the attempt; None when another worker holds the task."""
-    row = db.session.execute(_TAKE, {"task_id": str(task_id), "worker": worker, "ttl": ttl}).mappings().first()
-    if row is None:
-        db.session.rollback()
-        return None
     attempt_id = uuid.uuid4()
-    db.session.execute(_RECORD_ATTEMPT, {"id": attempt_id, "org_id": row["org_id"], "task_id": row["id"],
-                                         "number": row["attempts_count"], "fence": row["fence"], "worker": worker})
-    db.session.commit()
+    with _autocommit() as connection:
+        row = connection.execute(_TAKE, {"task_id": str(task_id), "worker": worker, "ttl": ttl,
+                                         "attempt_id": attempt_id}).mappings().first()
+        if row is None:
+            return None
+        if not row["recorded"]:  # a stale attempt was closed as lost by the statement above
+            connection.execute(_RECORD_ATTEMPT, {"id": attempt_id, "org_id": row["org_id"], "task_id": row["id"],
+                                                 "number": row["attempts_count"], "fence": row["fence"],
+                                                 "worker": worker})
     return Lease(task_id=row["id"], org_id=row["org_id"], run_id=row["run_id"], job_id=row["job_id"],
                  job_name=row["job_name"], fence=row["fence"], attempt_id=attempt_id,
                  attempt_number=row["attempts_count"], max_retries=row["max_retries"], worker=worker,
@@ -199,17 +223,16 @@ def retry_delay(attempt_number: int, base: float, cap: float) -> float:
 def _close(lease: Lease, *, task_state: str, attempt_state: str, exit_reason: str, result: Any = None,
            error_type: str | None = None, error_message: str | None = None, stack_trace: str | None = None,
            delay: float = 0.0, peak_memory_bytes: int | None = None, log_location: str | None = None) -> str | None:
-    db.session.execute(_LOCK_RUN, {"run_id": lease.run_id})
-    row = db.session.execute(_CLOSE, {
-        "task_id": lease.task_id, "fence": lease.fence, "run_id": lease.run_id, "task_state": task_state,
-        "attempt_state": attempt_state, "exit_reason": exit_reason, "error_type": error_type,
-        "error_message": error_message, "stack_trace": stack_trace, "delay": delay,
-        "result": None if result is None else json.dumps(result, default=str),
-        "peak_memory_bytes": peak_memory_bytes, "log_location": log_location,
-    }).one()
+    with _autocommit() as connection:
+        row = connection.execute(_CLOSE, {
+            "task_id": lease.task_id, "fence": lease.fence, "task_state": task_state,
+            "attempt_state": attempt_state, "exit_reason": exit_reason, "error_type": error_type,
+            "error_message": error_message, "stack_trace": stack_trace, "delay": delay,
+            "result": None if result is None else json.dumps(result, default=str),
+            "peak_memory_bytes": peak_memory_bytes, "log_location": log_location,
+        }).one()
     if row.closed == 0:
         _refuse(lease.task_id, lease.fence)
-    db.session.commit()
     return row.run_state
 
 
@@ -221,7 +244,7 @@ def _refuse(task_id: uuid.UUID, fence: int) -> None:
                      details={"task_id": str(task_id), "fence": fence})
 
 
-_REAP = text(f"""
+_REAP = text("""
 WITH expired AS (
   SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < now() FOR UPDATE SKIP LOCKED
 ), lost AS (
@@ -245,11 +268,7 @@ WITH expired AS (
 SELECT id, run_id, state FROM requeued UNION ALL SELECT id, NULL, 'queued' FROM forgotten
 """)
 
-_FINISH_DEAD_RUNS = text(f"""
-UPDATE runs SET state = 'failed', finished_at = now()
-WHERE id = ANY(:run_ids) AND state NOT IN ('succeeded', 'failed', 'canceled')
-  AND NOT EXISTS (SELECT 1 FROM tasks WHERE run_id = runs.id AND state NOT IN ({_TERMINAL}))
-""")
+_COUNT_DEAD_TASK = text(_COUNT_CLOSED_TASK.format(run_id=":run_id", failed="1", only_if=""))
 
 
 def reap(stale_after: float) -> list[uuid.UUID]:
@@ -259,8 +278,8 @@ def reap(stale_after: float) -> list[uuid.UUID]:
     ``stale_after``): a duplicate message is harmless, the lease dedupes it.
     """
     rows = db.session.execute(_REAP, {"stale": stale_after}).all()
-    dead_runs = [row.run_id for row in rows if row.state == "dead_letter"]
-    if dead_runs:
-        db.session.execute(_FINISH_DEAD_RUNS, {"run_ids": dead_runs})
+    for row in rows:
+        if row.state == "dead_letter":
+            db.session.execute(_COUNT_DEAD_TASK, {"run_id": row.run_id})
     db.session.commit()
     return [row.id for row in rows if row.state == "queued"]

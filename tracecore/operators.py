@@ -8,8 +8,9 @@ the workers; the implementation is a dotted path that only a worker resolves. Pl
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .exceptions import PlatformError
 

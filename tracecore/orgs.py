@@ -31,7 +31,7 @@ class Role(enum.IntEnum):
     admin = 3
 
     @classmethod
-    def parse(cls, name: str) -> "Role":
+    def parse(cls, name: str) -> Role:
         try:
             return cls[name]
         except KeyError:

@@ -8,12 +8,25 @@ writer is stopped by the database, not only by this module.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text, Uuid,
-                        func, select, text)
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -64,6 +77,7 @@ class Run(Base):
         CheckConstraint(_in("state", list(RUN_TRANSITIONS)), name="state"),
         CheckConstraint(_in("cause", RUN_CAUSES), name="cause"),
         CheckConstraint(f"({_in('state', TERMINAL_RUN_STATES)}) = (finished_at IS NOT NULL)", name="finished"),
+        CheckConstraint("open_tasks >= 0 AND failed_tasks >= 0", name="task_counts"),
         Index("ix_runs_org_created", "org_id", "created_at"),
         Index("ix_runs_job_created", "job_id", "created_at"),
     )
@@ -76,6 +90,10 @@ class Run(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
     config_overrides: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    # Kept by the statement that closes each task, so that the last task to close
+    # finishes the run in the same atomic UPDATE, however many close at once.
+    open_tasks: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    failed_tasks: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = created_at()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -225,16 +243,36 @@ def attempts_of(task_ids: list[uuid.UUID]) -> list[Attempt]:
                                    .order_by(Attempt.task_id, Attempt.number)))
 
 
-def create_run(*, org_id: uuid.UUID, job_id: uuid.UUID, cause: str, triggered_by: uuid.UUID | None,
-               max_retries: int, parameters: dict[str, Any] | None = None,
-               config_overrides: dict[str, Any] | None = None, window: dict[str, Any] | None = None,
-               dag_id: uuid.UUID | None = None) -> tuple[Run, Task]:
-    """Insert a single-task run; the caller commits, then enqueues the task."""
-    run = Run(org_id=org_id, job_id=job_id, dag_id=dag_id, cause=cause, triggered_by=triggered_by,
-              parameters=parameters or {}, config_overrides=config_overrides or {})
-    db.session.add(run)
-    db.session.flush()
-    task = Task(org_id=org_id, run_id=run.id, job_id=job_id, window=window or {}, max_retries=max_retries)
-    db.session.add(task)
-    db.session.flush()
-    return run, task
+_CREATE_RUN = text("""
+WITH job AS (
+  SELECT id, coalesce((spec->>'max_retries')::int, 3) AS max_retries FROM jobs
+  WHERE org_id = :org_id AND name = :job_name AND deleted_at IS NULL
+), run AS (
+  INSERT INTO runs (id, org_id, job_id, dag_id, cause, triggered_by, parameters, config_overrides, state,
+                    open_tasks, failed_tasks)
+  SELECT :run_id, :org_id, job.id, :dag_id, :cause, :triggered_by, CAST(:parameters AS jsonb),
+         CAST(:config_overrides AS jsonb), 'queued', 1, 0 FROM job
+  RETURNING id
+)
+INSERT INTO tasks (id, org_id, run_id, job_id, partition_key, "window", state, fence, attempts_count, max_retries)
+SELECT :task_id, :org_id, run.id, job.id, '', CAST(:window AS jsonb), 'queued', 0, 0, job.max_retries FROM run, job
+RETURNING id
+""")
+
+
+def create_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uuid.UUID | None,
+               parameters: dict[str, Any] | None = None, config_overrides: dict[str, Any] | None = None,
+               window: dict[str, Any] | None = None, dag_id: uuid.UUID | None = None) -> tuple[uuid.UUID, uuid.UUID]:
+    """Insert a single-task run of a live job in one statement; answers (run id, task id).
+
+    The caller commits, then enqueues the task. A missing job (or another org's) is NotFound.
+    """
+    run_id, task_id = uuid.uuid4(), uuid.uuid4()
+    inserted = db.session.execute(_CREATE_RUN, {
+        "run_id": run_id, "task_id": task_id, "org_id": org_id, "job_name": job_name, "dag_id": dag_id,
+        "cause": cause, "triggered_by": triggered_by, "parameters": json.dumps(parameters or {}),
+        "config_overrides": json.dumps(config_overrides or {}), "window": json.dumps(window or {}),
+    }).first()
+    if inserted is None:
+        raise NotFound(f"no job named {job_name!r}")
+    return run_id, task_id

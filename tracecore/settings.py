@@ -8,9 +8,10 @@ place a setting is documented.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _setting(default: Any, doc: str) -> Any:
@@ -47,11 +48,14 @@ class Settings:
     port: int = _setting(8000, "Port the API listens on.")
     secret_key: str | None = _setting(
         None, "Key that signs capability tokens. Unset: a random key kept in TRACE_HOME/secret-key.")
-    lease_ttl: float = _setting(120.0, "Seconds a task lease lasts before the reaper may hand the task to another worker.")
+    lease_ttl: float = _setting(
+        120.0, "Seconds a task lease lasts before the reaper may hand the task to another worker.")
     reaper_interval: float = _setting(15.0, "Seconds between runs of the lease reaper (a beat entry).")
-    retry_base_delay: float = _setting(1.0, "Base of the exponential retry backoff, in seconds (delay = base * 2**n, with jitter).")
+    retry_base_delay: float = _setting(
+        1.0, "Base of the exponential retry backoff, in seconds (delay = base * 2**n, with jitter).")
     retry_max_delay: float = _setting(300.0, "Upper bound of one retry delay, in seconds.")
-    max_job_timeout: float = _setting(3600.0, "Longest job timeout allowed, in seconds; the broker's visibility timeout is set above it.")
+    max_job_timeout: float = _setting(
+        3600.0, "Longest job timeout allowed, in seconds; the broker's visibility timeout is set above it.")
     worker_concurrency: int = _setting(2, "Processes per Celery worker started by `trace worker` / `trace up`.")
     plugins: tuple[str, ...] = _setting(
         (), "Comma-separated Python modules imported at start that register extra operators.")
@@ -60,7 +64,7 @@ class Settings:
     token: str | None = _setting(None, "API token the CLI sends. Unset: the one in TRACE_HOME/admin-token.")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Read ``TRACE_*`` variables; a malformed value names its variable."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from tracecore.appctx import create_base_app, settings_of
 
 EXECUTE_TASK = "trace.execute_task"
 REAP_LEASES = "trace.reap_leases"
+PING = "trace.ping"
 
 
 def make_celery(flask_app: Flask) -> Celery:

@@ -13,7 +13,8 @@ import socket
 import threading
 import traceback
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask
 

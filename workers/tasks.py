@@ -8,7 +8,7 @@ from flask import current_app as flask_app
 from tracecore import lease as leases
 
 from . import dispatcher
-from .app import EXECUTE_TASK, REAP_LEASES
+from .app import EXECUTE_TASK, PING, REAP_LEASES
 
 
 def _enqueue(task_id: str, countdown: float) -> None:
@@ -27,3 +27,9 @@ def reap_leases() -> int:
     for task_id in task_ids:
         current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
     return len(task_ids)
+
+
+@shared_task(name=PING)
+def ping() -> str:
+    """A task that does nothing: checks a worker answers, and is the raw Celery baseline."""
+    return "pong"

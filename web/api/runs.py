@@ -117,13 +117,12 @@ def _run_out(run: runs.Run, *, detail: bool, names: dict) -> dict:
 @blp.response(202, RunCreated)
 def trigger_job(body: dict, name: str) -> ResponseReturnValue:
     principal = current(Role.writer)
-    job = dags.get_job(principal.org_id, name)
-    run, task = runs.create_run(org_id=principal.org_id, job_id=job.id, cause="manual",
-                                triggered_by=principal.user_id, max_retries=job.spec.get("max_retries", 3),
-                                parameters=body["parameters"], config_overrides=body["config"])
+    run_id, task_id = runs.create_run(org_id=principal.org_id, job_name=name, cause="manual",
+                                      triggered_by=principal.user_id, parameters=body["parameters"],
+                                      config_overrides=body["config"])
     db.session.commit()
-    enqueue(current_app, task.id)
-    return {"run_id": run.id}
+    enqueue(current_app, task_id)
+    return {"run_id": run_id}
 
 
 @blp.route("/runs")

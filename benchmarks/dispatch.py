@@ -1,0 +1,151 @@
+"""Dispatch overhead: manual trigger of a `noop` job -> attempt recorded as succeeded.
+
+Beside it, in the same run, on the same broker and the same worker process: the raw
+Celery round trip of a trivial task (``send_task("trace.ping").get()``). Both are
+timed by the client: the Trace figure starts before the POST and ends when the
+run-finished notification (PostgreSQL NOTIFY, sent in the transaction that records
+the attempt) arrives; the Celery figure starts before ``send_task`` and ends when
+``.get()`` returns.
+
+    python benchmarks/dispatch.py [--runs 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tracecore.embedded import EmbeddedServices, free_port  # noqa: E402
+from tracecore.lease import RUN_FINISHED_CHANNEL  # noqa: E402
+from tracecore.migrate import upgrade  # noqa: E402
+from tracecore.settings import Settings  # noqa: E402
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def wait_healthy(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"API at {url} did not come up")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=30)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="trace-bench-", dir="/tmp"))
+    services = EmbeddedServices(home)
+    settings = services.start(Settings(home=str(home), port=free_port()))
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        upgrade(settings.database_url or "")
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
+               "TRACE_HOME": str(home), "TRACE_DATABASE_URL": settings.database_url or "",
+               "TRACE_BROKER_URL": settings.broker_url or "", "TRACE_PORT": str(settings.port),
+               "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+        from web.cli import bootstrap_admin
+
+        token = bootstrap_admin(settings)
+        log = open(home / "children.log", "wb")  # noqa: SIM115
+        for role in (["api"], ["worker", "--concurrency", "1"]):
+            children.append(subprocess.Popen([sys.executable, "-m", "web.cli", *role], env=env, cwd=ROOT,
+                                             stdout=log, stderr=subprocess.STDOUT))
+        url = settings.resolved_api_url
+        wait_healthy(url)
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {token}"
+        put = http.put(f"{url}/v1/dags/bench", data="- name: bench_noop\n  runtime: platform\n  operator: noop\n",
+                       headers={"Content-Type": "application/yaml"})
+        put.raise_for_status()
+
+        from celery import Celery
+
+        celery = Celery("bench", broker=settings.broker_url, backend=settings.broker_url)
+        celery.conf.task_default_queue = "trace"
+
+        listener = psycopg.connect(settings.database_url or "", autocommit=True)
+        listener.execute(f"LISTEN {RUN_FINISHED_CHANNEL}")
+        notifications = listener.notifies()
+
+        def trace_once() -> float:
+            start = time.perf_counter()
+            response = http.post(f"{url}/v1/jobs/bench_noop/runs", json={})
+            run_id = response.json()["run_id"]
+            for note in notifications:
+                if note.payload.startswith(run_id):
+                    if not note.payload.endswith("succeeded"):
+                        raise SystemExit(f"run {run_id} ended {note.payload}")
+                    return (time.perf_counter() - start) * 1000
+            raise SystemExit("notification stream ended")
+
+        def celery_once() -> float:
+            start = time.perf_counter()
+            assert celery.send_task("trace.ping").get(timeout=10) == "pong"
+            return (time.perf_counter() - start) * 1000
+
+        for _ in range(args.warmup):
+            celery_once()
+            trace_once()
+        raw: list[float] = []
+        trace: list[float] = []
+        for _ in range(args.runs):  # interleaved, so drift hits both equally
+            raw.append(celery_once())
+            trace.append(trace_once())
+        with psycopg.connect(settings.database_url or "") as conn:
+            server = [row[0] for row in conn.execute(
+                "SELECT EXTRACT(EPOCH FROM a.finished_at - r.created_at) * 1000 FROM runs r "
+                "JOIN tasks t ON t.run_id = r.id JOIN attempts a ON a.task_id = t.id "
+                "ORDER BY r.created_at DESC LIMIT %s", (args.runs,))]
+        listener.close()
+
+        rows = [("raw Celery round trip (baseline)", raw), ("Trace: POST run -> attempt succeeded", trace),
+                ("  of which server side (run row -> attempt row)", server)]
+        print(f"dispatch overhead, {args.runs} runs each, interleaved (ms)")
+        print(f"{'':48} {'p50':>8} {'p95':>8} {'mean':>8}")
+        for label, values in rows:
+            print(f"{label:48} {percentile(values, .5):8.2f} {percentile(values, .95):8.2f} "
+                  f"{statistics.fmean(values):8.2f}")
+        p95_ratio = percentile(trace, .95) / percentile(raw, .95)
+        p50_ratio = percentile(trace, .5) / percentile(raw, .5)
+        print(f"ratio Trace / raw Celery: p50 {p50_ratio:.2f}x, p95 {p95_ratio:.2f}x   "
+              f"(goal: p95 <= 5 ms and <= 1.5x)")
+        print(f"goal p95 <= 5 ms: {'met' if percentile(trace, .95) <= 5 else 'NOT met'}; "
+              f"goal <= 1.5x: {'met' if p95_ratio <= 1.5 else 'NOT met'}")
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        services.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

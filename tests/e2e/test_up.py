@@ -1,0 +1,94 @@
+"""`trace up` on an empty TRACE_HOME, driven as a user would: start it, use the CLI, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from tests.conftest import ROOT, wait_for
+from tracecore.embedded import free_port
+
+
+def _trace_processes(home: Path) -> list[psutil.Process]:
+    """Every process that belongs to this Trace home: children, postgres, redis."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            environ = process.info["environ"] or {}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if str(home) in cmdline or environ.get("TRACE_HOME") == str(home):
+            found.append(process)
+    return found
+
+
+def _cli(home: Path, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACE_")}
+    env.update({"TRACE_HOME": str(home), "TRACE_PORT": str(port), "PYTHONWARNINGS": "ignore"})
+    return subprocess.run([sys.executable, "-m", "web.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_up_serves_runs_jobs_and_stops_cleanly(tmp_path: Path) -> None:
+    home = Path(f"/tmp/trace-up-{os.getpid()}")  # short: the PostgreSQL socket path has a length limit
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACE_")}
+    env.update({"TRACE_HOME": str(home), "TRACE_PORT": str(port), "PYTHONWARNINGS": "ignore"})
+    log = tmp_path / "up.log"
+    with open(log, "wb") as output:
+        up = subprocess.Popen([sys.executable, "-m", "web.cli", "up"], env=env, cwd=ROOT, stdout=output,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "Trace is up" in log.read_text(errors="replace") or up.poll() is not None, timeout=120,
+                 message="trace up to start")
+        assert up.poll() is None, log.read_text(errors="replace")
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status_code == 200 and health.json()["checks"] == {"database": True, "broker": True}
+
+        token_file = home / "admin-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        me = requests.get(f"http://127.0.0.1:{port}/v1/me", timeout=5,
+                          headers={"Authorization": f"Bearer {token_file.read_text().strip()}"}).json()
+        assert me["org"]["name"] == "default" and me["role"] == "admin" and me["user"]["installation_admin"]
+
+        # The README's example, through the CLI.
+        dag_file = tmp_path / "hello.yaml"
+        dag_file.write_text("- name: hello\n  runtime: platform\n  operator: noop\n")
+        applied = _cli(home, port, "apply", str(dag_file))
+        assert applied.returncode == 0 and "dag hello version 1" in applied.stdout, applied.stderr
+        ran = _cli(home, port, "run", "hello", "--wait")
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert "succeeded" in ran.stdout
+        listed = _cli(home, port, "runs", "--job", "hello")
+        assert listed.returncode == 0 and "succeeded" in listed.stdout
+
+        # A bad file gets a clear message and a non-zero exit, not a traceback.
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("- name: oops\n  runtime: platform\n  operator: nope\n")
+        refused = _cli(home, port, "apply", str(bad))
+        assert refused.returncode == 1 and "unknown_operator" in refused.stderr and "jobs[0].operator" in \
+            refused.stderr and "Traceback" not in refused.stderr
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+        try:
+            exit_code = up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
+    assert exit_code == 0, log.read_text(errors="replace")
+    assert "Trace stopped." in log.read_text(errors="replace")
+    # Nothing of this home outlives `trace up`: no API, worker, beat, postgres or redis.
+    time.sleep(0.5)
+    leftovers = _trace_processes(home)
+    assert leftovers == [], [process.info["cmdline"] for process in leftovers]
+    subprocess.run(["rm", "-rf", str(home)], check=False)
