@@ -19,6 +19,7 @@ from tracecore.appctx import create_base_app, settings_of
 EXECUTE_TASK = "trace.execute_task"
 REAP_LEASES = "trace.reap_leases"
 PING = "trace.ping"
+REAP_SANDBOXES = "trace.reap_sandboxes"
 
 
 def make_celery(flask_app: Flask) -> Celery:
@@ -47,6 +48,7 @@ def make_celery(flask_app: Flask) -> Celery:
         worker_send_task_events=False,
         beat_schedule={
             "reap-leases": {"task": REAP_LEASES, "schedule": settings.reaper_interval},
+            "reap-sandboxes": {"task": REAP_SANDBOXES, "schedule": max(60.0, settings.reaper_interval)},
         },
     )
     flask_app.extensions["celery"] = celery

@@ -14,7 +14,6 @@ import threading
 import traceback
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from flask import Flask
 
@@ -23,7 +22,7 @@ from tracecore.appctx import settings_of
 from tracecore.exceptions import PlatformError, StaleFence, TraceError, UserCodeError
 from tracecore.operators import CATALOG
 
-from .operators import OperatorContext
+from .operators import AttemptFailed, OperatorContext, OperatorResult
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,17 @@ def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> 
     heartbeat = _heartbeat(app)
     heartbeat.add(held)
     try:
-        outcome, value = _run_operator(OperatorContext(lease=held, settings=settings))
+        outcome = _run_operator(OperatorContext(lease=held, settings=settings, app=app))
     finally:
         heartbeat.remove(held)
     try:
-        if outcome == "ok":
-            leases.succeed(held, value)
+        if isinstance(outcome, OperatorResult):
+            leases.succeed(held, outcome.value, peak_memory_bytes=outcome.peak_memory_bytes,
+                           log_location=outcome.log_location)
             return "succeeded"
-        delay = leases.fail(held, value, base_delay=settings.retry_base_delay, max_delay=settings.retry_max_delay)
+        delay = leases.fail(held, outcome.failure, base_delay=settings.retry_base_delay,
+                            max_delay=settings.retry_max_delay, peak_memory_bytes=outcome.peak_memory_bytes,
+                            log_location=outcome.log_location)
     except StaleFence:
         log.warning("task %s: attempt with fence %s was fenced off", held.task_id, held.fence)
         return "fenced"
@@ -105,17 +107,21 @@ def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> 
     return "retrying"
 
 
-def _run_operator(context: OperatorContext) -> tuple[str, Any]:
+def _run_operator(context: OperatorContext) -> OperatorResult | AttemptFailed:
+    """Run the operator behind the user-code boundary: whatever it raises becomes a recorded failure."""
     info = CATALOG.get(context.lease.operator)
     try:
         if info is None:
             raise PlatformError(f"operator {context.lease.operator!r} is not in this worker's catalog",
                                 code="unknown_operator")
-        return "ok", info.load()(context)
+        value = info.load()(context)
+        return value if isinstance(value, OperatorResult) else OperatorResult(value)
+    except AttemptFailed as failed:
+        return failed
     except UserCodeError as exc:
-        return "error", leases.Failure(exc.code if exc.code != "user_code_error" else "error", exc.error_type,
-                                       exc.message, exc.stack_trace or traceback.format_exc())
+        return AttemptFailed(leases.Failure("error", exc.error_type, exc.message,
+                                            exc.stack_trace or traceback.format_exc()))
     except TraceError as exc:
-        return "error", leases.Failure(exc.code, type(exc).__name__, exc.message, traceback.format_exc())
+        return AttemptFailed(leases.Failure(exc.code, type(exc).__name__, exc.message, traceback.format_exc()))
     except Exception as exc:  # an operator's own bug: recorded on the attempt, retried by policy
-        return "error", leases.Failure("error", type(exc).__name__, str(exc), traceback.format_exc())
+        return AttemptFailed(leases.Failure("error", type(exc).__name__, str(exc), traceback.format_exc()))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import current_app, shared_task
 from flask import current_app as flask_app
 
 from tracecore import lease as leases
 
 from . import dispatcher
-from .app import EXECUTE_TASK, PING, REAP_LEASES
+from .app import EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
+
+log = logging.getLogger(__name__)
 
 
 def _enqueue(task_id: str, countdown: float) -> None:
@@ -33,3 +37,15 @@ def reap_leases() -> int:
 def ping() -> str:
     """A task that does nothing: checks a worker answers, and is the raw Celery baseline."""
     return "pong"
+
+
+@shared_task(name=REAP_SANDBOXES, ignore_result=True)
+def reap_sandboxes() -> int:
+    """Remove sandboxes whose worker died (SIGKILL leaves its container behind)."""
+    from .sandbox.select import backend_for
+
+    try:
+        return backend_for(flask_app.config["TRACE_SETTINGS"]).reap_orphans()
+    except Exception:  # no engine here (yet): nothing to reap; the next beat tries again
+        log.warning("sandbox reaper could not run", exc_info=True)
+        return 0

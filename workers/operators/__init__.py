@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tracecore.lease import Lease
+from flask import Flask
+
+from tracecore.lease import Failure, Lease
 from tracecore.settings import Settings
 
 
@@ -15,7 +17,28 @@ class OperatorContext:
 
     lease: Lease
     settings: Settings
+    app: Flask | None = None
 
     @property
     def config(self) -> dict[str, Any]:
         return self.lease.config
+
+
+@dataclass
+class OperatorResult:
+    """A success with measurements to record on the attempt beside the value."""
+
+    value: Any = None
+    peak_memory_bytes: int | None = None
+    log_location: str | None = None
+
+
+class AttemptFailed(Exception):
+    """Raised by an operator that already knows how the attempt failed (e.g. from a sandbox)."""
+
+    def __init__(self, failure: Failure, *, peak_memory_bytes: int | None = None,
+                 log_location: str | None = None) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.peak_memory_bytes = peak_memory_bytes
+        self.log_location = log_location
