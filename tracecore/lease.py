@@ -211,13 +211,14 @@ def fail(lease: Lease, failure: Failure, *, base_delay: float, max_delay: float,
 
 
 def retry_delay(attempt_number: int, base: float, cap: float) -> float:
-    """Exponential backoff with equal jitter: each delay lies in [d/2, d], d = base * 2**(n-1).
+    """Exponential backoff with equal jitter: each delay lies in [d/2, d], d = base * 2**(n-1),
+    then capped.
 
-    Half fixed, half random keeps retries of many tasks apart while each task's
-    delays still grow.
+    Half fixed, half random keeps retries of many tasks apart while each task's delays
+    never shrink (the cap comes after the jitter).
     """
-    ceiling = min(cap, base * 2 ** (attempt_number - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    ceiling = base * 2 ** (attempt_number - 1)
+    return min(cap, ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
 def _close(lease: Lease, *, task_state: str, attempt_state: str, exit_reason: str, result: Any = None,

@@ -26,7 +26,10 @@ from .operators import AttemptFailed, OperatorContext, OperatorResult
 
 log = logging.getLogger(__name__)
 
-WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+def worker_name() -> str:
+    """host:pid of the process that runs the task (a prefork child, not the parent),
+    which is what the sandbox reaper checks for liveness."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Heartbeat:
@@ -81,7 +84,7 @@ def _heartbeat(app: Flask) -> Heartbeat:
 def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> str:
     """Run one delivery of ``execute_task``; answers what happened, for logs and tests."""
     settings = settings_of(app)
-    held = leases.take(task_id, WORKER_NAME, settings.lease_ttl)
+    held = leases.take(task_id, worker_name(), settings.lease_ttl)
     if held is None:
         return "not_leased"
     heartbeat = _heartbeat(app)

@@ -1,0 +1,276 @@
+"""Leases and fences in-process, over the real PostgreSQL: tracecore.lease without workers.
+
+Every expiry is observed through the database's own clock (``wait_for`` on a query),
+never decided by a sleep in the test.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+
+import pytest
+from flask import Flask
+from sqlalchemy import select, text
+
+from tests.conftest import wait_for
+from tracecore import dags, lease, orgs, runs
+from tracecore.db import db
+from tracecore.exceptions import StaleFence
+from tracecore.runs import Attempt, Run, Task
+
+JOB_YAML = "- name: {name}\n  runtime: platform\n  operator: noop\n  max_retries: {max_retries}\n"
+
+
+@pytest.fixture
+def make_task(app: Flask) -> Callable[..., uuid.UUID]:
+    """Create (committed) an org, a DAG with one job, and one queued run of it; answers the task id."""
+    org = orgs.create_org("lease-org")
+    db.session.commit()
+    counter = iter(range(1000))
+
+    def make(max_retries: int = 3) -> uuid.UUID:
+        name = f"job{next(counter)}"
+        dags.save_dag(org.id, f"dag-{name}", JOB_YAML.format(name=name, max_retries=max_retries),
+                      content_type="application/yaml", user_id=None)
+        _, task_id = runs.create_run(org_id=org.id, job_name=name, cause="manual", triggered_by=None)
+        db.session.commit()
+        return task_id
+
+    return make
+
+
+def task_row(task_id: uuid.UUID) -> Task:
+    db.session.rollback()  # a fresh read: the identity map must not answer from an old load
+    found = db.session.get(Task, task_id)
+    assert found is not None
+    return found
+
+
+def attempts(task_id: uuid.UUID) -> list[Attempt]:
+    db.session.rollback()
+    return list(db.session.scalars(select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.fence)))
+
+
+def run_of(task_id: uuid.UUID) -> Run:
+    run = db.session.get(Run, task_row(task_id).run_id)
+    assert run is not None
+    return run
+
+
+def lease_expired(task_id: uuid.UUID) -> bool:
+    """True once the database's clock is past the task's lease expiry."""
+    db.session.rollback()
+    return bool(db.session.execute(text("SELECT lease_expires_at < clock_timestamp() FROM tasks WHERE id = :id"),
+                                   {"id": task_id}).scalar_one())
+
+
+def test_a_second_take_gets_nothing_while_the_lease_is_live(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task()
+    first = lease.take(task_id, "worker-a", 60)
+    assert first is not None and first.fence == 1 and first.attempt_number == 1
+    assert first.job_name == "job0" and first.operator == "noop"
+
+    assert lease.take(task_id, "worker-b", 60) is None
+
+    task = task_row(task_id)
+    assert (task.state, task.fence, task.lease_owner, task.attempts_count) == ("running", 1, "worker-a", 1)
+    assert [(a.fence, a.worker, a.state, a.number) for a in attempts(task_id)] == [(1, "worker-a", "running", 1)]
+    assert run_of(task_id).state == "running"
+
+
+def test_an_expired_lease_is_taken_over_with_the_next_fence(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task()
+    old = lease.take(task_id, "worker-a", 0.2)
+    assert old is not None
+
+    new = wait_for(lambda: lease.take(task_id, "worker-b", 60), timeout=10, message="the 0.2 s lease to lapse")
+    assert isinstance(new, lease.Lease)
+    assert new.fence == old.fence + 1 == 2
+    assert new.attempt_number == 2
+
+    task = task_row(task_id)
+    assert (task.state, task.fence, task.lease_owner) == ("running", 2, "worker-b")
+    first, second = attempts(task_id)
+    assert (first.fence, first.state, first.exit_reason) == (1, "lost", "worker_lost")
+    assert first.finished_at is not None
+    assert (second.fence, second.state, second.worker) == (2, "running", "worker-b")
+
+
+def test_a_write_with_the_old_fence_is_refused_and_fenced(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task()
+    old = lease.take(task_id, "worker-a", 0.2)
+    assert old is not None
+    new = wait_for(lambda: lease.take(task_id, "worker-b", 60), timeout=10, message="the 0.2 s lease to lapse")
+    assert isinstance(new, lease.Lease)
+
+    with pytest.raises(StaleFence) as refused:
+        lease.succeed(old, {"zombie": True})
+    assert refused.value.details == {"task_id": str(task_id), "fence": 1}
+    with pytest.raises(StaleFence):
+        lease.assert_current(task_id, old.fence)
+    lease.assert_current(task_id, new.fence)  # the live fence passes
+    db.session.rollback()
+
+    first, second = attempts(task_id)
+    assert (first.state, first.exit_reason, first.result) == ("fenced", "fenced", None)
+    assert second.state == "running"
+    assert task_row(task_id).state == "running"  # the zombie changed nothing on the task
+
+    assert lease.succeed(new, {"ok": 1}) == "succeeded"
+    first, second = attempts(task_id)
+    assert (second.state, second.exit_reason, second.result) == ("succeeded", "ok", {"ok": 1})
+    assert second.duration_ms is not None and second.duration_ms >= 0
+    assert task_row(task_id).state == "succeeded"
+    assert run_of(task_id).state == "succeeded"
+
+
+def test_a_write_after_the_lease_lapsed_is_refused_even_with_no_successor(
+        make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task()
+    held = lease.take(task_id, "worker-a", 0.2)
+    assert held is not None
+    wait_for(lambda: lease_expired(task_id), timeout=10, message="the 0.2 s lease to lapse")
+
+    with pytest.raises(StaleFence):
+        lease.succeed(held)
+    [attempt] = attempts(task_id)
+    assert attempt.state == "fenced"
+    task = task_row(task_id)
+    assert (task.state, task.fence) == ("running", 1)
+    assert run_of(task_id).state == "running"
+
+
+def test_renew_keeps_a_lease_alive_past_its_first_expiry(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task()
+    held = lease.take(task_id, "worker-a", 2.0)
+    assert held is not None
+    first_expiry = task_row(task_id).lease_expires_at
+    lease.renew(held, 60)
+    assert task_row(task_id).lease_expires_at > first_expiry
+
+    def past_first_expiry() -> bool:
+        db.session.rollback()
+        return bool(db.session.execute(text("SELECT clock_timestamp() > :t"), {"t": first_expiry}).scalar_one())
+
+    wait_for(past_first_expiry, timeout=10, message="the clock to pass the first expiry")
+    assert lease.take(task_id, "worker-b", 60) is None
+    lease.assert_current(task_id, held.fence)
+    db.session.rollback()
+    assert lease.succeed(held) == "succeeded"
+    assert [a.state for a in attempts(task_id)] == ["succeeded"]
+
+
+def test_renew_of_a_lapsed_lease_is_refused(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task()
+    held = lease.take(task_id, "worker-a", 0.2)
+    assert held is not None
+    wait_for(lambda: lease_expired(task_id), timeout=10, message="the 0.2 s lease to lapse")
+    with pytest.raises(StaleFence):
+        lease.renew(held, 60)
+    assert [a.state for a in attempts(task_id)] == ["fenced"]
+    assert lease_expired(task_id)
+
+
+def test_fail_retries_until_max_retries_then_dead_letters(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task(max_retries=1)
+    failure = lease.Failure("error", "ProbeFailure", "boom", "Traceback ...\nProbeFailure: boom")
+
+    first = lease.take(task_id, "worker-a", 60)
+    assert first is not None
+    delay = lease.fail(first, failure, base_delay=0.2, max_delay=2.0)
+    assert delay is not None and 0.1 <= delay <= 0.2
+    task = task_row(task_id)
+    assert (task.state, task.last_error, task.lease_owner) == ("retrying", "boom", "worker-a")
+    assert task.next_attempt_at is not None and task.finished_at is None
+
+    second = lease.take(task_id, "worker-b", 60)
+    assert second is not None and (second.fence, second.attempt_number) == (2, 2)
+    assert task_row(task_id).next_attempt_at is None
+    assert lease.fail(second, failure, base_delay=0.2, max_delay=2.0) is None
+
+    task = task_row(task_id)
+    assert (task.state, task.last_error) == ("dead_letter", "boom")
+    assert task.finished_at is not None
+    assert run_of(task_id).state == "failed"
+    recorded = [(a.fence, a.state, a.exit_reason, a.error_type, a.error_message, a.stack_trace)
+                for a in attempts(task_id)]
+    assert recorded == [(n, "failed", "error", "ProbeFailure", "boom", failure.stack_trace) for n in (1, 2)]
+    assert lease.take(task_id, "worker-c", 60) is None  # dead letter is final
+
+
+def test_a_non_retryable_failure_dead_letters_at_once(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task(max_retries=3)
+    held = lease.take(task_id, "worker-a", 60)
+    assert held is not None
+    failure = lease.Failure("malformed", "ValidationError", "bad batch", retryable=False)
+    assert lease.fail(held, failure, base_delay=0.2, max_delay=2.0) is None
+    assert task_row(task_id).state == "dead_letter"
+    assert run_of(task_id).state == "failed"
+
+
+def test_reap_requeues_expired_leases_and_dead_letters_exhausted_ones(
+        make_task: Callable[..., uuid.UUID]) -> None:
+    retryable = make_task(max_retries=3)
+    exhausted = make_task(max_retries=0)
+    live = make_task(max_retries=3)
+    waiting = make_task(max_retries=3)
+    for task_id in (retryable, exhausted):
+        assert lease.take(task_id, "doomed", 0.2) is not None
+    live_lease = lease.take(live, "alive", 60)
+    assert live_lease is not None
+    for task_id in (retryable, exhausted):
+        wait_for(lambda task_id=task_id: lease_expired(task_id), timeout=10, message="the 0.2 s leases to lapse")
+
+    assert lease.reap(stale_after=3600) == [retryable]
+
+    task = task_row(retryable)
+    assert (task.state, task.lease_owner, task.lease_expires_at, task.fence) == ("queued", None, None, 1)
+    assert task.last_error == "worker lost: the lease expired"
+    assert [(a.state, a.exit_reason) for a in attempts(retryable)] == [("lost", "worker_lost")]
+    assert run_of(retryable).state == "running"
+
+    task = task_row(exhausted)
+    assert task.state == "dead_letter" and task.finished_at is not None
+    assert [(a.state, a.exit_reason) for a in attempts(exhausted)] == [("lost", "worker_lost")]
+    assert run_of(exhausted).state == "failed"
+
+    assert task_row(live).state == "running"
+    assert [a.state for a in attempts(live)] == ["running"]
+    assert task_row(waiting).state == "queued"
+
+    # The requeued task is leased again with the next fence.
+    again = lease.take(retryable, "rescuer", 60)
+    assert again is not None and (again.fence, again.attempt_number) == (2, 2)
+    assert lease.succeed(again) == "succeeded"
+
+    # A second pass finds nothing expired; with stale_after=0 it answers the queued task
+    # whose message may have been lost, so that it is sent again.
+    assert lease.reap(stale_after=3600) == []
+    assert lease.reap(stale_after=0) == [waiting]
+    assert task_row(waiting).state == "queued"
+
+
+@pytest.mark.parametrize("attempt_number", [1, 2, 3, 4, 5, 6, 8])
+def test_retry_delay_is_exponential_with_equal_jitter(attempt_number: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, cap = 0.2, 2.0
+    ceiling = min(cap, base * 2 ** (attempt_number - 1))
+    samples = [lease.retry_delay(attempt_number, base, cap) for _ in range(500)]
+    assert all(ceiling / 2 <= delay <= ceiling for delay in samples)
+    assert len(set(samples)) > 1  # jittered, not constant
+
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)
+    assert lease.retry_delay(attempt_number, base, cap) == pytest.approx(ceiling / 2)
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    assert lease.retry_delay(attempt_number, base, cap) == pytest.approx(ceiling)
+
+
+def test_retry_delays_never_shrink_and_stop_at_the_cap() -> None:
+    base, cap = 0.2, 2.0
+    by_attempt = {n: [lease.retry_delay(n, base, cap) for _ in range(200)] for n in range(1, 10)}
+    # Equal jitter: below the cap, the shortest delay of attempt n+1 is at least the longest of attempt n.
+    for n in (1, 2, 3):  # ceilings 0.2, 0.4, 0.8, 1.6; attempt 5's would be 3.2 > cap
+        assert min(by_attempt[n + 1]) >= max(by_attempt[n])
+    assert max(by_attempt[1]) <= base
+    assert all(cap / 2 <= delay <= cap for n in range(5, 10) for delay in by_attempt[n])
