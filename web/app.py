@@ -10,7 +10,8 @@ from tracecore.settings import Settings
 from workers.app import make_celery
 
 from . import auth, errors
-from .api import dags, health, orgs, runs
+from .api import bundles, dags, health, orgs, runs
+from .api import task as task_api_blueprint
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -18,12 +19,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(
         API_TITLE="Trace", API_VERSION="v1", OPENAPI_VERSION="3.1.0", OPENAPI_URL_PREFIX="/v1",
         OPENAPI_JSON_PATH="openapi.json", JSON_SORT_KEYS=False,
+        # Refuse oversize bodies before reading them; a bundle upload is the largest request (51 MB).
+        MAX_CONTENT_LENGTH=bundles.MAX_REQUEST_BYTES,
         API_SPEC_OPTIONS={"components": {"securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer", "description": "An API token (trc_...)"}}},
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API token (trc_...)"},
+            "capability": {"type": "http", "scheme": "bearer",
+                           "description": "A capability token (trc1....), for sandboxes; only under /v1/task/"}}},
             "security": [{"bearer": []}]},
     )
     api = Api(app)
-    for module in (health, orgs, dags, runs):
+    for module in (health, orgs, dags, runs, bundles, task_api_blueprint):
         api.register_blueprint(module.blp)
     errors.register(app)  # after Api: replaces flask-smorest's own error shape
     app.before_request(auth.load_principal)

@@ -1,0 +1,163 @@
+"""The task API: the only platform calls a sandbox can make, authenticated by its capability token.
+
+It is plain functions over (method, path, headers, body) rather than Flask views because two
+transports carry it: the worker's per-invocation unix-socket gateway (``workers.gateway``,
+for Docker and process sandboxes, which have no network) and the public API's ``/v1/task/``
+blueprint (``web.api.task``, for Fargate sandboxes, which reach the API over a VPC endpoint).
+Both must answer identically, so both call :func:`dispatch`. Handlers need an app context
+(the database); each transport provides one per request.
+
+Routes register with :func:`register`. This module ships ``GET /v1/task/whoami``; the data
+plane adds ``query``, ``buffer-publish`` and ``credentials`` the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flask import has_app_context
+
+from . import lease
+from .db import db
+from .exceptions import NotFound, PermissionDenied, StaleFence, TraceError, Unauthenticated, UserError
+from .tokens import Capability, verify
+
+log = logging.getLogger(__name__)
+
+PATH_PREFIX = "/v1/task/"
+# Bigger bodies are refused before they are read (413); batches of rows travel as artifacts
+# in the object store, not through this API.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+
+class MethodNotAllowed(UserError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class PayloadTooLarge(UserError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+Handler = Callable[[Capability, dict[str, Any]], tuple[int, dict[str, Any]]]
+HANDLERS: dict[tuple[str, str], Handler] = {}
+
+
+def register(method: str, path: str) -> Callable[[Handler], Handler]:
+    """Add a route. Only ``/v1/task/...`` paths: the gateway must never grow a way out of that tree."""
+    method = method.upper()
+    if not path.startswith(PATH_PREFIX) or "?" in path or path.rstrip("/") != path:
+        raise ValueError(f"task API paths live under {PATH_PREFIX} (no query, no trailing slash): {path!r}")
+
+    def decorate(handler: Handler) -> Handler:
+        existing = HANDLERS.get((method, path))
+        if existing is not None and existing.__qualname__ != handler.__qualname__:
+            raise ValueError(f"{method} {path} is already handled by {existing.__module__}.{existing.__qualname__}")
+        HANDLERS[(method, path)] = handler
+        return handler
+
+    return decorate
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The platform's one error shape (DESIGN.md, REST conventions)."""
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of ``Authorization: Bearer <token>``, whatever the header's case."""
+    value = headers.get("Authorization")
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def authenticate(headers: Mapping[str, str], secret: bytes) -> Capability:
+    token = bearer_token(headers)
+    if token is None:
+        raise Unauthenticated("send Authorization: Bearer <capability token>", code="missing_token")
+    return verify(token, secret)
+
+
+def dispatch(method: str, path: str, headers: Mapping[str, str], body_bytes: bytes, secret: bytes, *,
+             expected_task_id: uuid.UUID | str | None = None) -> tuple[int, dict[str, Any]]:
+    """Answer one task API request as (HTTP status, JSON body); never raises for a client's fault.
+
+    Order of checks: unknown paths are 404 whoever asks (the route list is public and a 404
+    leaks nothing); then the token (401); then the task it is for (403 ``wrong_task``: a
+    gateway serves one task only); then the method (405); then the body (400).
+    """
+    method, path = method.upper(), path.split("?", 1)[0]
+    try:
+        allowed = sorted(m for (m, p) in HANDLERS if p == path) if path.startswith(PATH_PREFIX) else []
+        if not allowed:
+            raise NotFound(f"no task API route {path}")
+        capability = authenticate(headers, secret)
+        if expected_task_id is not None and capability.task_id != str(expected_task_id):
+            raise PermissionDenied("this gateway serves another task; the token is not valid here", code="wrong_task")
+        handler = HANDLERS.get((method, path))
+        if handler is None:
+            raise MethodNotAllowed(f"{path} answers {', '.join(allowed)}", details={"allowed": allowed})
+        return handler(capability, _json_body(body_bytes))
+    except TraceError as exc:
+        _rollback()
+        if exc.http_status >= 500:
+            log.error("task API %s %s failed: %s", method, path, exc.message)
+        return exc.http_status, {"error": exc.to_dict()}
+    except Exception:  # a bug must answer the sandbox, not kill the transport's thread
+        _rollback()
+        log.exception("task API %s %s: unhandled error", method, path)
+        return 500, error_body("internal_error", "internal error; see the worker's log")
+
+
+def _json_body(body_bytes: bytes) -> dict[str, Any]:
+    if len(body_bytes) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body exceeds {MAX_BODY_BYTES} bytes")
+    if not body_bytes.strip():
+        return {}
+    try:
+        body = json.loads(body_bytes)
+    except ValueError:
+        raise UserError("the body is not JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise UserError("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _rollback() -> None:
+    if has_app_context():
+        db.session.rollback()
+
+
+def fence_current(capability: Capability) -> bool:
+    """Whether the token's fence still holds a live lease on its task.
+
+    Uses the same check as every fenced write (``lease.assert_current``), so a UDF sees
+    exactly what its writes would meet. Like any refused write, a stale fence records its
+    attempt as ``fenced``.
+    """
+    try:
+        lease.assert_current(uuid.UUID(capability.task_id), capability.fence)
+    except StaleFence:
+        return False
+    db.session.rollback()  # end the transaction: releases the share lock assert_current took
+    return True
+
+
+@register("GET", "/v1/task/whoami")
+def whoami(capability: Capability, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """What the token grants (its claims, never the token itself) and whether it still counts."""
+    return 200, {**capability.to_claims(), "fence_current": fence_current(capability)}
