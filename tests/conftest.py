@@ -32,8 +32,8 @@ from tracecore.migrate import upgrade
 from tracecore.settings import Settings, configure
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = ("audit_log", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens", "memberships",
-          "users", "orgs")
+TABLES = ("audit_log", "bundles", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens",
+          "memberships", "users", "orgs")
 
 
 @pytest.fixture(scope="session")

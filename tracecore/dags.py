@@ -18,7 +18,7 @@ from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, Uniqu
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from . import operators
+from . import bundles, operators
 from .dag_spec import DagSpec, parse_dag
 from .db import Base, created_at, db, uuid_pk
 from .exceptions import Conflict, NotFound, ValidationError
@@ -87,6 +87,7 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
 
     spec = parse_dag(body, content_type=content_type, external_outputs=external_outputs,
                      operators=operators.CATALOG)
+    _check_bundles(org_id, spec)
     for index, job in enumerate(spec.jobs):
         if job.name in other_jobs:
             raise Conflict(f"job {job.name!r} belongs to another DAG of this org", code="job_name_taken",
@@ -105,6 +106,19 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
     _sync_jobs(dag, spec)
     db.session.flush()
     return dag, version
+
+
+def _check_bundles(org_id: uuid.UUID, spec: DagSpec) -> None:
+    """Every ``udf.bundle_id`` must name a bundle of this org: a typo, or another org's id,
+    fails at save time instead of at the first run."""
+    refs = [(index, job.udf.bundle_id) for index, job in enumerate(spec.jobs) if job.udf is not None]
+    unknown = bundles.missing_bundles(org_id, [bundle_id for _, bundle_id in refs]) if refs else set()
+    errors = [{"code": "unknown_bundle", "path": f"jobs[{index}].udf.bundle_id",
+               "message": f"no bundle {bundle_id!r} in this org (upload it with POST /v1/bundles)"}
+              for index, bundle_id in refs if bundle_id in unknown]
+    if errors:
+        raise ValidationError(errors[0]["message"], path=errors[0]["path"], code="unknown_bundle",
+                              details={"errors": errors})
 
 
 def _outputs_of_other_dags(org_id: uuid.UUID, dag_id: uuid.UUID | None) -> dict[str, int]:

@@ -40,10 +40,10 @@ def register(info: OperatorInfo) -> OperatorInfo:
 
 register(OperatorInfo("noop", "Does nothing and succeeds; measures the platform's own overhead.",
                       implementation="workers.operators.builtin:noop"))
-# Declared now so DAGs that use them validate; their code arrives with the sandbox issue.
-register(OperatorInfo("udf", "Runs the job's UDF bundle in a sandbox.", needs_udf=True))
+register(OperatorInfo("udf", "Runs the job's UDF bundle in a sandbox.", needs_udf=True,
+                      implementation="workers.operators.udf:run"))
 register(OperatorInfo("alert_evaluate", "Evaluates alert conditions with a UDF bundle and emits alert_events.",
-                      needs_udf=True))
+                      needs_udf=True, implementation="workers.operators.udf:run"))
 register(OperatorInfo("block_follower", "Platform ingestion of new blocks at the chain tip."))
 
 # Jobs every org can name as an input without defining them: platform sources.

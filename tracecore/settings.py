@@ -59,9 +59,36 @@ class Settings:
     worker_concurrency: int = _setting(2, "Processes per Celery worker started by `trace worker` / `trace up`.")
     plugins: tuple[str, ...] = _setting(
         (), "Comma-separated Python modules imported at start that register extra operators.")
+    sandbox: str = _setting("docker", "Sandbox backend for UDF bundles: docker, process (bubblewrap) or fargate.")
+    redact: tuple[str, ...] = _setting(
+        (), "Comma-separated secrets to redact from sandbox logs and errors, beside the capability token.")
     admin_email: str = _setting("admin@localhost", "Email of the admin user that `trace up` creates on first start.")
     api_url: str | None = _setting(None, "API base URL the CLI talks to. Unset: http://TRACE_HOST:TRACE_PORT.")
     token: str | None = _setting(None, "API token the CLI sends. Unset: the one in TRACE_HOME/admin-token.")
+    fargate_region: str = _setting("us-east-1", "AWS region of the Fargate sandboxes (ECS, CloudWatch Logs, S3).")
+    fargate_endpoint_url: str | None = _setting(
+        None, "Endpoint URL for the AWS APIs the Fargate backend calls (tests: a moto server). Unset: AWS's.")
+    fargate_cluster: str = _setting("trace", "ECS cluster the Fargate sandboxes run in.")
+    fargate_subnets: tuple[str, ...] = _setting(
+        (), "Comma-separated private subnet ids for the sandboxes' ENIs (no public IP is ever assigned).")
+    fargate_security_groups: tuple[str, ...] = _setting(
+        (), "Comma-separated security group ids: no ingress, egress only to the VPC endpoints (ECR, S3, Logs, API).")
+    fargate_task_family: str = _setting("trace-udf", "Task definition family the Fargate backend registers.")
+    fargate_image_prefix: str | None = _setting(
+        None, "Registry prefix of the runtime images, e.g. 123456789012.dkr.ecr.eu-west-1.amazonaws.com/trace.")
+    fargate_image_tag: str = _setting("latest", "Tag of the runtime images (trace-runtime-python, -node) to run.")
+    fargate_execution_role_arn: str | None = _setting(
+        None, "ECS task execution role (image pull, awslogs). The task itself gets no role: no AWS credentials.")
+    fargate_log_group: str = _setting("/trace/udf", "CloudWatch Logs group of the sandboxes' output (awslogs).")
+    fargate_bundle_bucket: str | None = _setting(
+        None, "S3 bucket the Fargate backend stages bundles in (bundles/<sha256>.zip, fetched by presigned URL).")
+    fargate_gateway_url: str | None = _setting(
+        None, "Public API base URL the Fargate sandboxes reach the task gateway at (https://..., /v1/task/*).")
+    fargate_start_timeout: float = _setting(
+        300.0, "Seconds a Fargate task may take to start (provisioning, image pull) before it is stopped.")
+    object_store: str = _setting(
+        "", "Where objects live: empty = a local folder TRACE_HOME/objects, or a folder path; "
+            "the data-plane work adds s3://bucket/prefix.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
+from tests.integration.test_bundles_api import upload
 from tracecore import dags
 from tracecore.audit import AuditLog
 from tracecore.db import db
@@ -39,6 +40,13 @@ SEED_YAML = """\
 """
 
 YAML = "application/yaml"
+
+
+def seed_with_bundle(client: FlaskClient, tenant: Tenant) -> tuple[str, str]:
+    """SEED_YAML with "<bundle-id>" replaced by a bundle uploaded to ``tenant`` (PUT /v1/dags checks
+    that udf.bundle_id names a bundle of the org); answers the text and the bundle id."""
+    bundle_id = upload(client, tenant).json["id"]
+    return SEED_YAML.replace("<bundle-id>", bundle_id), bundle_id
 
 
 def job(name: str, *extra: str) -> str:
@@ -187,7 +195,8 @@ def test_a_cycle_names_its_jobs(client: FlaskClient, tenant: Tenant) -> None:
 
 
 def test_the_seed_example_is_accepted_as_written(client: FlaskClient, tenant: Tenant) -> None:
-    response = put(client, tenant, "alerts", SEED_YAML)
+    seed_yaml, bundle_id = seed_with_bundle(client, tenant)
+    response = put(client, tenant, "alerts", seed_yaml)
     assert response.status_code == 200, response.json
     assert response.json["name"] == "alerts" and response.json["current_version"] == 1
     assert [entry["name"] for entry in response.json["jobs"]] == ["alert_evaluate"]
@@ -199,27 +208,29 @@ def test_the_seed_example_is_accepted_as_written(client: FlaskClient, tenant: Te
     assert spec["outputs"] == 1 and spec["update_strategy"] == "append"
     assert spec["unique_key"] == ["dedupe_key"]
     assert spec["config"] == {"max_lookback_seconds": 3600}
-    assert spec["udf"] == {"bundle_id": "<bundle-id>", "entrypoint": "trace.handler"}
+    assert spec["udf"] == {"bundle_id": bundle_id, "entrypoint": "trace.handler"}
     # block_follower is a platform source: no job of the org, yet a valid input with exactly one output.
     assert client.get("/v1/jobs/block_follower", headers=tenant.headers()).status_code == 404
     source = client.get("/v1/dags/alerts", headers=tenant.headers()).json["versions"][0]["spec"]
     assert source["jobs"][0]["inputs"] == [{"job": "block_follower", "output": 0}]
-    second_output = SEED_YAML.replace("output: 0", "output: 1")
+    second_output = seed_yaml.replace("output: 0", "output: 1")
     assert_validation_error(put(client, tenant, "alerts", second_output), "unknown_output",
                             "jobs[0].inputs[0].from.output")
 
 
 def test_the_seed_example_as_json_is_accepted_and_normalized_the_same(
         client: FlaskClient, tenant: Tenant, make_tenant: Callable[[str], Tenant]) -> None:
-    as_yaml = put(client, tenant, "alerts", SEED_YAML)
+    seed_yaml, bundle_id = seed_with_bundle(client, tenant)
+    as_yaml = put(client, tenant, "alerts", seed_yaml)
     assert as_yaml.status_code == 200, as_yaml.json
     yaml_spec = client.get("/v1/dags/alerts", headers=tenant.headers()).json["versions"][0]["spec"]
-    # A job name is unique per org, so the JSON copy goes to a second org.
+    # A job name is unique per org, so the JSON copy goes to a second org (with its own bundle).
     other = make_tenant("initech")
-    as_json = put(client, other, "alerts", json.dumps(yaml.safe_load(SEED_YAML)), content_type="application/json")
+    other_yaml, other_bundle_id = seed_with_bundle(client, other)
+    as_json = put(client, other, "alerts", json.dumps(yaml.safe_load(other_yaml)), content_type="application/json")
     assert as_json.status_code == 200, as_json.json
     json_spec = client.get("/v1/dags/alerts", headers=other.headers()).json["versions"][0]["spec"]
-    assert json_spec == yaml_spec
+    assert json.loads(json.dumps(json_spec).replace(other_bundle_id, bundle_id)) == yaml_spec
     assert json_spec["jobs"][0]["inputs"] == [{"job": "block_follower", "output": 0}]
 
 
@@ -362,6 +373,7 @@ def test_every_save_is_audited(client: FlaskClient, tenant: Tenant, app: object)
 
 
 def test_the_source_text_is_kept_verbatim(client: FlaskClient, tenant: Tenant) -> None:
-    assert put(client, tenant, "alerts", SEED_YAML).status_code == 200
+    seed_yaml, _ = seed_with_bundle(client, tenant)
+    assert put(client, tenant, "alerts", seed_yaml).status_code == 200
     source = db.session.scalar(select(dags.DagVersion.source).where(dags.DagVersion.org_id == tenant.org_id))
-    assert source == SEED_YAML
+    assert source == seed_yaml
