@@ -109,3 +109,23 @@ def test_a_bundle_of_another_org_cannot_be_named(client: FlaskClient, make_tenan
     assert put.status_code == 400 and put.json["error"]["code"] == "unknown_bundle"
     assert put.json["error"]["details"]["path"] == "jobs[0].udf.bundle_id"
     assert uuid.UUID(bundle["id"])
+
+
+def test_the_container_of_a_killed_worker_is_reaped(client: FlaskClient, tenant: Tenant, processes: Processes,
+                                                    kill_worker: Any, app: Any) -> None:
+    bundle = _upload(client, tenant, _zip({"trace.py": "import time\ndef handler(e, c):\n    time.sleep(60)\n"}))
+    client.put("/v1/dags/udfs", data=_dag(bundle["id"], name="sleeper").replace("timeout: 20s", "timeout: 90s"),
+               headers={**tenant.headers("writer"), "Content-Type": "application/yaml"})
+    first = processes.worker("w1")
+    client.post("/v1/jobs/sleeper/runs", json={}, headers=tenant.headers("writer"))
+    engine = docker.from_env()
+    org_label = {"label": f"org.trace.org={tenant.org_id}"}
+    wait_for(lambda: engine.containers.list(filters={**org_label, "status": "running"}), timeout=60,
+             message="the sandbox to start")
+    kill_worker(first)
+    # SIGKILL gave the worker no chance to clean up: its sandbox is still there.
+    assert engine.containers.list(all=True, filters=org_label)
+    processes.worker("w2")
+    removed = app.extensions["celery"].send_task("trace.reap_sandboxes", ignore_result=False).get(timeout=60)
+    assert removed >= 1
+    assert engine.containers.list(all=True, filters=org_label) == []

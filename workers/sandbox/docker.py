@@ -11,7 +11,6 @@ their labels and removed by :meth:`DockerBackend.reap_orphans`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -24,7 +23,9 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ReadTimeout
 
-from . import RESULT_CAP_BYTES, RUNTIME_IMAGES, CappedLog, Invocation, Outcome, redact
+from . import RUNTIME_IMAGES, CappedLog, Invocation, Outcome
+from .outcome import outcome as _outcome
+from .outcome import prepare_work_dir as _prepare_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,15 @@ class DockerBackend:
                     logs.feed(chunk)
             except Exception:
                 pass
+            finally:
+                # The attach socket is the caller's to close (docker-py): shut it down, then release the
+                # response that still holds a file object on it; else one socket leaks per invocation.
+                for close in (stream.close, getattr(getattr(stream, "_response", None), "close", None)):
+                    try:
+                        if close is not None:
+                            close()
+                    except Exception:
+                        pass
 
         thread = threading.Thread(target=pump, name="sandbox-logs", daemon=True)
         thread.start()
@@ -128,93 +138,30 @@ class DockerBackend:
             age = time.time() - int(labels.get(LABEL_STARTED, "0") or 0)
             dead = worker_host == host and pid.isdigit() and not _pid_alive(int(pid))
             if dead or age > self.orphan_age_s:
-                _quietly(lambda c=container: c.remove(force=True))
+                try:
+                    container.remove(force=True)
+                except NotFound:
+                    continue  # removed meanwhile by someone else
+                except (APIError, RequestsConnectionError) as exc:
+                    log.warning("could not remove orphan sandbox %s: %s", container.short_id, exc)
+                    continue
                 removed += 1
         return removed
 
 
-def _prepare_work_dir(invocation: Invocation) -> None:
-    work = invocation.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "event.json").write_text(json.dumps(invocation.event))
-    # The sandbox user (uid 10001) writes the result here and connects to the socket.
-    os.chmod(work, 0o777)
-    os.chmod(work / "event.json", 0o644)
-
-
-def _read_result(invocation: Invocation) -> dict[str, Any] | str | None:
-    path = invocation.work_dir / "result.json"
-    if not path.exists():
-        return None
-    if path.stat().st_size > RESULT_CAP_BYTES + 4096:
-        return "too_large"
-    try:
-        value = json.loads(path.read_text(errors="replace"))
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _outcome(invocation: Invocation, exit_code: int | None, oom: bool, killed_from_outside: bool, logs: CappedLog,
-             duration_ms: float) -> Outcome:
-    text, truncated = logs.text(invocation.secrets)
-    common = {"duration_ms": duration_ms, "logs": text, "logs_truncated": truncated, "exit_code": exit_code}
-    result = _read_result(invocation)
-    if result == "too_large":
-        return Outcome("result_too_large", error_type="ResultTooLarge",
-                       error_message=f"the handler's answer exceeds {RESULT_CAP_BYTES} bytes", **common)
-    peak = result.get("peak_memory_bytes") if isinstance(result, dict) else None
-    common["peak_memory_bytes"] = peak if isinstance(peak, int) else None
-    if oom:
-        return Outcome("oom", error_type="OutOfMemory",
-                       error_message=f"the sandbox exceeded its {invocation.limits.memory_mb} MB memory limit",
-                       **common)
-    if isinstance(result, dict):
-        return _from_wrapper(invocation, result, common)
-    if killed_from_outside:
-        return Outcome("timeout", error_type="Timeout",
-                       error_message=f"no answer within {invocation.limits.timeout_s:g} s", **common)
-    if exit_code is not None and exit_code >= 128:
-        return Outcome("killed", error_type="Killed", error_message=f"the sandbox was killed (exit {exit_code})",
-                       **common)
-    return Outcome("sandbox_error", error_type="NoResult",
-                   error_message=f"the sandbox ended (exit {exit_code}) without a result", **common)
-
-
-def _from_wrapper(invocation: Invocation, result: dict[str, Any], common: dict[str, Any]) -> Outcome:
-    status = result.get("status")
-    error = result.get("error") or {}
-    secrets = invocation.secrets
-    stack = error.get("stackTrace")
-    stack_text = "\n".join(map(str, stack)) if isinstance(stack, list) else str(stack or "")
-    details = {"error_type": redact(str(error.get("errorType") or "Error"), secrets),
-               "error_message": redact(str(error.get("errorMessage") or ""), secrets),
-               "stack_trace": redact(stack_text, secrets)}
-    if status == "ok":
-        return Outcome("ok", response=result.get("response"), **common)
-    if status in ("error", "init_error"):
-        reason = "result_too_large" if details["error_type"] == "result_too_large" else status
-        return Outcome(reason, **details, **common)
-    if status == "timeout":
-        return Outcome("timeout", error_type="Timeout",
-                       error_message=f"no answer within {invocation.limits.timeout_s:g} s", **common)
-    if status == "exited":
-        code = result.get("exit_code")
-        reason = "killed" if isinstance(code, int) and code < 0 else "error"
-        return Outcome(reason, error_type="RuntimeExited",
-                       error_message=f"the runtime exited (code {code}) without answering", **common)
-    return Outcome("sandbox_error", error_type="BadResult", error_message=f"unknown wrapper status {status!r}",
-                   **common)
-
-
 def _pid_alive(pid: int) -> bool:
+    """A zombie counts as dead: a SIGKILLed worker's children linger as zombies until reaped."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _quietly(action: Any) -> None:
