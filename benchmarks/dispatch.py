@@ -36,7 +36,7 @@ from tracecore.settings import Settings  # noqa: E402
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def wait_healthy(url: str, timeout: float = 60) -> None:
@@ -70,10 +70,10 @@ def main() -> None:
         from web.cli import bootstrap_admin
 
         token = bootstrap_admin(settings)
-        log = open(home / "children.log", "wb")  # noqa: SIM115
-        for role in (["api"], ["worker", "--concurrency", "1"]):
-            children.append(subprocess.Popen([sys.executable, "-m", "web.cli", *role], env=env, cwd=ROOT,
-                                             stdout=log, stderr=subprocess.STDOUT))
+        with open(home / "children.log", "wb") as log:  # each child keeps its own descriptor
+            for role in (["api"], ["worker", "--concurrency", "1"]):
+                children.append(subprocess.Popen([sys.executable, "-m", "web.cli", *role], env=env, cwd=ROOT,
+                                                 stdout=log, stderr=subprocess.STDOUT))
         url = settings.resolved_api_url
         wait_healthy(url)
         http = requests.Session()

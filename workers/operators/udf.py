@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from tracecore import bundles, tokens
-from tracecore.appctx import settings_of
 from tracecore.lease import Failure
 from tracecore.settings import Settings
 from tracecore.storage import object_store
