@@ -237,6 +237,13 @@ class RuntimeAPIServer(ThreadingHTTPServer):
         thread.start()
         return thread
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A runtime stopped mid-request (normal once it answered) resets its connection: no traceback in the
+        UDF's logs for that; anything else is still reported."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def stop(self) -> None:
         self.invocation.closing.set()
         self.shutdown()

@@ -82,6 +82,15 @@ def redact(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
+def _redact_cut_tail(text: str, secrets: tuple[str, ...]) -> str:
+    """The cap may cut a secret in two: the kept half (4 characters or more) is redacted too."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True):
+        for size in range(len(secret) - 1, 3, -1):
+            if text.endswith(secret[:size]):
+                return text[:-size] + REDACTED
+    return text
+
+
 class CappedLog:
     """Keeps the first ``cap`` bytes of a stream and counts the rest, so 100 MB of output
     costs the worker 1 MB of memory."""
@@ -100,6 +109,7 @@ class CappedLog:
     def text(self, secrets: tuple[str, ...]) -> tuple[str, bool]:
         body = redact(self.kept.decode("utf-8", errors="replace"), secrets)
         if self.dropped:
+            body = _redact_cut_tail(body, secrets)
             body += TRUNCATION_MARK.format(dropped=self.dropped)
         return body, bool(self.dropped)
 
