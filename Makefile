@@ -23,7 +23,7 @@ up: install
 ## A Docker engine that answers (installs and starts Debian's docker.io as root when none does).
 docker:
 	deploy/ensure-docker.sh
-	deploy/ensure-compose.sh
+	deploy/ensure-tools.sh
 
 ## The sandbox runtime images, built locally (debootstrap + docker import when no registry answers).
 images: docker

@@ -87,8 +87,14 @@ class Settings:
     fargate_start_timeout: float = _setting(
         300.0, "Seconds a Fargate task may take to start (provisioning, image pull) before it is stopped.")
     object_store: str = _setting(
-        "", "Where objects live: empty = a local folder TRACE_HOME/objects, or a folder path; "
-            "the data-plane work adds s3://bucket/prefix.")
+        "", "Where objects live: empty = a local folder TRACE_HOME/objects, a folder path, or s3://bucket/prefix.")
+    s3_endpoint: str | None = _setting(
+        None, "S3 endpoint URL (SeaweedFS, MinIO, a moto server); unset = AWS. Credentials: the standard AWS chain.")
+    s3_region: str = _setting("us-east-1", "AWS region of the S3 bucket (and of STS for the credential broker).")
+    credentials_role_arn: str | None = _setting(
+        None, "IAM role the credential broker assumes (STS AssumeRole, scoped by a session policy) to hand a "
+              "task S3 credentials limited to its prefixes. Unset: the broker refuses S3 credentials.")
+    sts_endpoint: str | None = _setting(None, "STS endpoint URL for the credential broker (tests: moto); unset = AWS.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

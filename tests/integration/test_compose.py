@@ -14,7 +14,7 @@ def _compose() -> list[str]:
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
     found = shutil.which("docker-compose")
-    assert found, "neither `docker compose` nor `docker-compose` answers; run deploy/ensure-compose.sh"
+    assert found, "neither `docker compose` nor `docker-compose` answers; run deploy/ensure-tools.sh"
     return [found]
 
 

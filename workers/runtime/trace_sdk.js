@@ -9,6 +9,7 @@
  */
 
 const http = require('http');
+const https = require('https');
 
 const DEFAULT_GATEWAY = 'unix:///run/trace/gateway.sock';
 const DEFAULT_TIMEOUT_MS = 60000;
@@ -32,6 +33,10 @@ function target() {
     const url = new URL(gateway);
     return { host: url.hostname, port: Number(url.port || 80) };
   }
+  if (gateway.startsWith('https://')) { // Fargate: the public /v1/task/ route over TLS
+    const url = new URL(gateway);
+    return { host: url.hostname, port: Number(url.port || 443), tls: true };
+  }
   throw new GatewayError(0, 'bad_gateway_address', `unsupported TRACE_GATEWAY ${gateway}`);
 }
 
@@ -46,9 +51,12 @@ function call(method, path, payload) {
     let options;
     try { options = target(); } catch (err) { reject(err); return; }
     const body = payload === undefined ? null : Buffer.from(JSON.stringify(payload));
-    const headers = { Authorization: `Bearer ${token}`, Accept: 'application/json', Host: 'gateway' };
+    const headers = { Authorization: `Bearer ${token}`, Accept: 'application/json' };
+    if (!options.tls) headers.Host = 'gateway';
     if (body) Object.assign(headers, { 'Content-Type': 'application/json', 'Content-Length': body.length });
-    const req = http.request(Object.assign(options, { method, path, headers, agent: false, timeout: DEFAULT_TIMEOUT_MS }), (res) => {
+    const client = options.tls ? https : http;
+    delete options.tls;
+    const req = client.request(Object.assign(options, { method, path, headers, agent: false, timeout: DEFAULT_TIMEOUT_MS }), (res) => {
       const chunks = [];
       res.on('data', (c) => chunks.push(c));
       res.on('error', (err) => reject(new GatewayError(0, 'gateway_unreachable', err.message)));

@@ -58,6 +58,8 @@ def _connection(timeout: float) -> http.client.HTTPConnection:
         return UnixHTTPConnection(parts.path, timeout)
     if parts.scheme == "http" and parts.hostname:
         return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    if parts.scheme == "https" and parts.hostname:  # Fargate: the public /v1/task/ route over TLS
+        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout)
     if not parts.scheme and gateway.startswith("/"):
         return UnixHTTPConnection(gateway, timeout)
     raise GatewayError(0, "bad_gateway_address", f"unsupported TRACE_GATEWAY {gateway!r}")
