@@ -43,3 +43,8 @@ def sqlalchemy_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     raise ValueError(f"not a PostgreSQL URL: {url!r}")
+
+
+def libpq_url(url: str) -> str:
+    """The same URL for psycopg/libpq directly (no SQLAlchemy driver suffix)."""
+    return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)

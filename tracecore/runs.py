@@ -213,7 +213,8 @@ def get_run(org_id: uuid.UUID, run_id: uuid.UUID | str) -> Run:
         run_uuid = run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(str(run_id))
     except ValueError:
         raise NotFound("no such run") from None
-    run = db.session.scalar(select(Run).where(Run.id == run_uuid, Run.org_id == org_id))
+    run = db.session.scalar(select(Run).where(Run.id == run_uuid, Run.org_id == org_id)
+                            .execution_options(populate_existing=True))
     if run is None:
         raise NotFound("no such run")
     return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -330,3 +331,18 @@ def test_a_worker_killed_while_idle_breaks_nothing(
     assert run["status"] == "succeeded", run
     [task] = run["tasks"]
     assert (task["fence"], [a["status"] for a in task["attempts"]]) == (1, ["succeeded"])
+
+
+def test_waiting_for_a_run_answers_when_it_finishes(client: FlaskClient, tenant: Tenant,
+                                                    processes: Processes) -> None:
+    """GET /v1/runs/{id}?wait= blocks on the run-finished notification, not a poll loop."""
+    client.put("/v1/dags/waits", data="- name: quick\n  runtime: platform\n  operator: noop\n",
+               headers={**tenant.headers(), "Content-Type": "application/yaml"})
+    run_id = client.post("/v1/jobs/quick/runs", json={}, headers=tenant.headers("writer")).json["run_id"]
+    queued = client.get(f"/v1/runs/{run_id}?wait=0.2", headers=tenant.headers("reader")).json
+    assert queued["status"] == "queued"  # no worker yet: the wait ran out
+    processes.worker()
+    started = time.monotonic()
+    finished = client.get(f"/v1/runs/{run_id}?wait=30", headers=tenant.headers("reader")).json
+    assert finished["status"] == "succeeded", (time.monotonic() - started, finished)
+    assert time.monotonic() - started < 29

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
+import psycopg
 from flask import current_app
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from tracecore import dags, runs
-from tracecore.db import db
+from tracecore.db import db, libpq_url
+from tracecore.lease import RUN_FINISHED_CHANNEL
 from tracecore.orgs import Role
 from tracecore.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
 from workers.app import enqueue
@@ -142,9 +142,24 @@ def list_runs(query: dict) -> ResponseReturnValue:
 def get_run(query: dict, run_id: str) -> ResponseReturnValue:
     principal = current()
     run = runs.get_run(principal.org_id, run_id)
-    deadline = time.monotonic() + query["wait"]
-    while run.state not in TERMINAL_RUN_STATES and time.monotonic() < deadline:
-        time.sleep(0.05)
-        db.session.rollback()  # ends the snapshot; the next read sees new commits
+    if run.state not in TERMINAL_RUN_STATES and query["wait"] > 0:
+        db.session.rollback()  # no transaction held open while waiting
+        _wait_for_finish(str(run.id), query["wait"])
         run = runs.get_run(principal.org_id, run_id)
     return _run_out(run, detail=True, names=_job_names({run.job_id} if run.job_id else set()))
+
+
+def _wait_for_finish(run_id: str, seconds: float) -> None:
+    """Block until the run-finished NOTIFY for ``run_id`` arrives or ``seconds`` pass.
+
+    LISTEN first, then re-check the row: a run that finished in between is not missed.
+    """
+    url = libpq_url(current_app.config["TRACE_SETTINGS"].database_url)
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"LISTEN {RUN_FINISHED_CHANNEL}")
+        finished = connection.execute("SELECT finished_at IS NOT NULL FROM runs WHERE id = %s", (run_id,)).fetchone()
+        if finished and finished[0]:
+            return
+        for note in connection.notifies(timeout=seconds):
+            if note.payload.startswith(run_id):
+                return
