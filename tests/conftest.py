@@ -32,7 +32,9 @@ from tracecore.migrate import upgrade
 from tracecore.settings import Settings, configure
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = ("audit_log", "bundles", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens",
+TABLES = ("dead_letters", "downloads", "saved_queries", "lineage_edges", "pii_grants", "dataset_grants",
+          "partitions", "dataset_versions", "datasets",
+          "audit_log", "bundles", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens",
           "memberships", "users", "orgs")
 
 
@@ -61,6 +63,23 @@ def _with_database(url: str, name: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(sqlalchemy_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[object]:
+    """A real S3 server for the session (SeaweedFS ``weed mini`` on 127.0.0.1; see ``tests/s3.py``).
+
+    Yields a ``tests.s3.S3Server`` (endpoint_url, access_key, secret_key, bucket, env()). A server
+    that cannot start fails every test that asks for it: nothing is skipped for want of it.
+    """
+    from tests.s3 import start_weed
+
+    try:
+        server = start_weed()
+    except Exception as exc:
+        pytest.fail(f"the S3 server (weed mini) did not start: {exc}", pytrace=False)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Parse and validate a DAG definition (the YAML of seed ``002``) into frozen specs.
 
-This module is pure (stdlib, PyYAML, croniter): the API, the scheduler and the CLI
+This module is pure (stdlib, PyYAML, croniter, and pyarrow through
+``tracecore.dataset_schema`` for output schemas): the API, the scheduler and the CLI
 all validate a DAG the same way without a database. Whatever the platform needs
 from outside (the operator catalog, jobs of other DAGs) is passed in by the caller.
 
@@ -28,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from croniter import croniter
 
+from tracecore import dataset_schema
 from tracecore.exceptions import ValidationError
 
 ACTIVATIONS = ("manual", "scheduled", "reactive", "webhook")
@@ -105,6 +107,12 @@ class JobSpec:
 
     ``trigger`` is a tree of ``{"job": name}``, ``{"all_of": [...]}``,
     ``{"any_of": [...], "timeout_s": float | None}`` and ``{"when": sql}`` nodes.
+
+    ``outputs`` stays the number of outputs (inputs name them by index); ``output_datasets``
+    declares the dataset behind each, one per output: ``{"dataset", "kind", "schema", "pii",
+    "description"}``. The int form of ``outputs`` declares derived datasets named ``<job>``
+    then ``<job>_1``, ``<job>_2`` ...; they are filled in here when not given, so a spec built
+    from an int ``outputs`` (or stored before declarations existed) has them too.
     """
 
     name: str
@@ -115,6 +123,7 @@ class JobSpec:
     idle_timeout_s: float | None = None
     inputs: tuple[InputRef, ...] = ()
     outputs: int = 0
+    output_datasets: tuple[dict[str, Any], ...] = ()
     update_strategy: str | None = None
     unique_key: tuple[str, ...] = ()
     config: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +133,13 @@ class JobSpec:
     max_retries: int = 3
     limits: Limits = field(default_factory=Limits)
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.output_datasets and self.outputs > 0:
+            object.__setattr__(self, "output_datasets", default_output_datasets(self.name, self.outputs))
+        if len(self.output_datasets) != self.outputs:
+            raise ValueError(f"job {self.name!r}: {self.outputs} output(s) but {len(self.output_datasets)} "
+                             "dataset declaration(s)")
 
     def dependencies(self) -> list[str]:
         """Jobs this one reads from or is triggered by (in this DAG or not), deduplicated."""
@@ -135,6 +151,7 @@ class JobSpec:
         out = asdict(self)
         out["inputs"] = [asdict(ref) for ref in self.inputs]
         out["unique_key"] = list(self.unique_key)
+        out["output_datasets"] = [copy.deepcopy(dict(item)) for item in self.output_datasets]
         return out
 
     @classmethod
@@ -143,6 +160,7 @@ class JobSpec:
         d = copy.deepcopy(dict(data))
         d["inputs"] = tuple(InputRef(**ref) for ref in d.get("inputs", ()))
         d["unique_key"] = tuple(d.get("unique_key", ()))
+        d["output_datasets"] = tuple(dict(item) for item in d.get("output_datasets", ()))
         d["udf"] = UdfRef(**d["udf"]) if d.get("udf") else None
         d["schedule"] = Schedule(**d["schedule"]) if d.get("schedule") else None
         d["limits"] = Limits(**d["limits"]) if d.get("limits") else Limits()
@@ -205,6 +223,11 @@ class DagSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> DagSpec:
         return cls(jobs=tuple(JobSpec.from_dict(j) for j in data["jobs"]),
                    description=data.get("description", ""))
+
+
+def default_output_datasets(job: str, count: int) -> tuple[dict[str, Any], ...]:
+    """The declarations of ``outputs: <count>``: derived datasets ``<job>``, ``<job>_1`` ..."""
+    return tuple(dataset_schema.output_declaration(job if index == 0 else f"{job}_{index}") for index in range(count))
 
 
 def _trigger_jobs(node: Mapping[str, Any] | None) -> Iterator[str]:
@@ -337,6 +360,7 @@ class _Parser:
         self.outputs: dict[str, int | None] = {}  # None: this job's own `outputs` is invalid
         self.external: dict[str, int | None] = {}
         self.edges: list[tuple[str, int, str]] = []  # (upstream job, consumer index, path)
+        self.datasets: dict[str, str] = {}  # dataset name -> path of its first declaration
 
     def error(self, code: str, path: str, message: str, **details: Any) -> None:
         if not self.errors:
@@ -416,6 +440,8 @@ class _Parser:
                 self.first_index.setdefault(raw["name"], i)
                 if self.first_index[raw["name"]] == i:
                     outputs = 0 if raw.get("outputs") is None else raw["outputs"]
+                    if _KINDS["list"](outputs):
+                        outputs = len(outputs)
                     valid = _KINDS["integer"](outputs) and outputs >= 0
                     self.outputs[raw["name"]] = outputs if valid else None
         if not jobs and not self.errors:
@@ -472,7 +498,7 @@ class _Parser:
                                                             "unknown_execution_strategy"),
             "update_strategy": lambda v, p, i: self.enum(v, p, UPDATE_STRATEGIES, "unknown_update_strategy"),
             "idle_timeout": lambda v, p, i: self.duration(v, p),
-            "outputs": lambda v, p, i: self.integer(v, p),
+            "outputs": lambda v, p, i: self.job_outputs(v, p, i),
             "max_retries": lambda v, p, i: self.integer(v, p, 0, MAX_RETRIES_LIMIT),
             "description": lambda v, p, i: v if self.check(v, "string", p) else None,
             "trigger": lambda v, p, i: self.trigger(v, p, i, 0, [MAX_TRIGGER_NODES]),
@@ -481,6 +507,12 @@ class _Parser:
         for key, value in job.items():
             parse = fields.get(key) or getattr(self, f"job_{key}")
             out["idle_timeout_s" if key == "idle_timeout" else key] = parse(value, f"{path}.{key}", i)
+        if isinstance(out.get("outputs"), tuple):
+            out["outputs"], out["output_datasets"] = len(out["outputs"]), out["outputs"]
+        elif isinstance(out.get("outputs"), int) and self.first_index.get(out.get("name")) == i:
+            for k, declared in enumerate(default_output_datasets(out["name"], out["outputs"])):
+                self.claim_dataset(declared["dataset"], f"{path}.outputs", k)
+        self.check_unique_key_columns(out, path)
         for key in ("name", "runtime", "operator"):
             if key not in job:
                 self.error("missing_key", f"{path}.{key}", f"job needs {key!r}")
@@ -492,6 +524,40 @@ class _Parser:
         if operator is not None and self.operators[operator].needs_udf and "udf" not in job:
             self.error("missing_key", f"{path}.udf", f"operator {operator!r} runs user code and needs 'udf'")
         return out
+
+    def job_outputs(self, value: Any, path: str, i: int) -> int | tuple[dict[str, Any], ...] | None:
+        """A count (int form) or one declaration per output (list form)."""
+        if not _KINDS["list"](value):
+            return self.integer(value, path)
+        declarations = []
+        for k, item in enumerate(value):
+            declared, problems = dataset_schema.check_output_declaration(item, f"{path}[{k}]")
+            for code, problem_path, message in problems:
+                self.error(code, problem_path, message)
+            if declared is not None:
+                self.claim_dataset(declared["dataset"], f"{path}[{k}].dataset")
+                declarations.append(declared)
+        return tuple(declarations) if len(declarations) == len(value) else None
+
+    def claim_dataset(self, name: str, path: str, index: int | None = None) -> None:
+        """A dataset has one producer: a second declaration in the DAG is ``duplicate_dataset``."""
+        where = path if index is None else f"{path} (output {index})"
+        if name in self.datasets:
+            self.error("duplicate_dataset", path, f"dataset {name!r} is already declared at {self.datasets[name]}")
+        else:
+            self.datasets[name] = where
+
+    def check_unique_key_columns(self, out: Mapping[str, Any], path: str) -> None:
+        """The job's unique key must name columns of every output schema it declares."""
+        keys = out.get("unique_key") or ()
+        for declared in out.get("output_datasets") or ():
+            if declared["schema"] is None:
+                continue
+            columns = {column["name"] for column in declared["schema"]}
+            for k, key in enumerate(keys):
+                if isinstance(key, str) and key and key not in columns:
+                    self.error("unknown_column", f"{path}.unique_key[{k}]",
+                               f"unique key column {key!r} is not in the schema of dataset {declared['dataset']!r}")
 
     def job_name(self, value: Any, path: str, i: int) -> str | None:
         if not self.check(value, "string", path):

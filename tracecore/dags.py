@@ -14,12 +14,25 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid, func, select, text
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from . import bundles, operators
-from .dag_spec import DagSpec, parse_dag
+from . import bundles, datasets, operators
+from .dag_spec import DagSpec, default_output_datasets, parse_dag
 from .db import Base, created_at, db, uuid_pk
 from .exceptions import Conflict, NotFound, ValidationError
 
@@ -105,6 +118,7 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
     db.session.add(version)
     _sync_jobs(dag, spec)
     db.session.flush()
+    _declare_outputs(dag, spec)
     return dag, version
 
 
@@ -143,6 +157,51 @@ def _sync_jobs(dag: Dag, spec: DagSpec) -> None:
             job.updated_at = func.now()
     for removed in existing.values():
         removed.deleted_at = func.now()
+
+
+def _declare_outputs(dag: Dag, spec: DagSpec) -> None:
+    """Declare every job's output datasets (``JobSpec.output_datasets``) in the save's transaction,
+    so a DAG and the datasets it promises commit or fail together.
+
+    A dataset has one producer, the live job that declares it: a dataset declared by a live
+    job of another DAG (or another job of this one) is 409 ``dataset_name_taken``; a dataset
+    this DAG's jobs no longer declare loses its producer (and keeps its versions), so another
+    job may take it over. Errors carry the DAG's paths
+    (``jobs[0].outputs[1].schema[2].type``; ``jobs[0].outputs`` for the int form).
+    """
+    live = {job.name: job.id for job in db.session.scalars(
+        select(Job).where(Job.dag_id == dag.id, Job.deleted_at.is_(None)))}
+    names = [declared["dataset"] for job in spec.jobs for declared in job.output_datasets]
+    producers = dict(db.session.execute(
+        select(datasets.Dataset.name, Job.id).join(Job, Job.id == datasets.Dataset.producer_job_id)
+        .where(datasets.Dataset.org_id == dag.org_id, datasets.Dataset.name.in_(names),
+               Job.deleted_at.is_(None))).all()) if names else {}
+    for index, job in enumerate(spec.jobs):
+        listed = job.output_datasets != default_output_datasets(job.name, job.outputs)
+        for k, declared in enumerate(job.output_datasets):
+            path = f"jobs[{index}].outputs" + (f"[{k}]" if listed else "")
+            producer = producers.get(declared["dataset"])
+            if producer is not None and producer != live[job.name]:
+                raise Conflict(f"dataset {declared['dataset']!r} is produced by another job of this org",
+                               code="dataset_name_taken", details={"path": path})
+            try:
+                datasets.declare_dataset(dag.org_id, declared["dataset"], declared["kind"], declared["schema"],
+                                         job.unique_key, declared["pii"], live[job.name],
+                                         description=declared["description"])
+            except ValidationError as exc:
+                if exc.path.startswith("unique_key"):
+                    at = f"jobs[{index}].{exc.path}"
+                else:
+                    at = f"{path}.{exc.path}" if exc.path and listed else path
+                raise ValidationError(exc.message, path=at, code=exc.code,
+                                      details={**{k: v for k, v in exc.details.items() if k != "path"},
+                                               "errors": [{"code": exc.code, "path": at, "message": exc.message}]}
+                                      ) from None
+    orphaned = update(datasets.Dataset).where(datasets.Dataset.org_id == dag.org_id,
+                                              datasets.Dataset.producer_job_id.in_(list(live.values())))
+    if names:
+        orphaned = orphaned.where(datasets.Dataset.name.not_in(names))
+    db.session.execute(orphaned.values(producer_job_id=None))
 
 
 def get_dag(org_id: uuid.UUID, name: str) -> Dag:

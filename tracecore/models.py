@@ -3,9 +3,14 @@
 from .audit import AuditLog
 from .bundles import Bundle
 from .dags import Dag, DagVersion, Job
+from .datasets import Dataset, DatasetGrant, DatasetVersion, Partition, PiiGrant
 from .db import Base
+from .lineage import LineageEdge
 from .orgs import ApiToken, Membership, Org, User
+from .publish import DeadLetter
 from .runs import Attempt, Run, Task
+from .saved_queries import Download, SavedQuery
 
-__all__ = ["ApiToken", "Attempt", "AuditLog", "Base", "Bundle", "Dag", "DagVersion", "Job", "Membership", "Org",
-           "Run", "Task", "User"]
+__all__ = ["ApiToken", "Attempt", "AuditLog", "Base", "Bundle", "Dag", "DagVersion", "Dataset", "DatasetGrant",
+           "DatasetVersion", "DeadLetter", "Download", "Job", "LineageEdge", "Membership", "Org", "Partition",
+           "PiiGrant", "Run", "SavedQuery", "Task", "User"]

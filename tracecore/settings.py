@@ -95,6 +95,15 @@ class Settings:
         None, "IAM role the credential broker assumes (STS AssumeRole, scoped by a session policy) to hand a "
               "task S3 credentials limited to its prefixes. Unset: the broker refuses S3 credentials.")
     sts_endpoint: str | None = _setting(None, "STS endpoint URL for the credential broker (tests: moto); unset = AWS.")
+    query_timeout: float = _setting(
+        30.0, "Seconds a Query Service query may run (registration included) before it is interrupted (408).")
+    query_row_limit: int = _setting(
+        1_000_000, "Most rows one query answers or exports; more are cut and the answer says truncated.")
+    query_export_threshold: int = _setting(
+        10_000, "Most rows a JSON query answer carries inline; a larger result is exported to Parquet "
+                "and answered with a download (tasks: cut here, truncated).")
+    query_memory_limit: str = _setting("1GB", "DuckDB memory_limit of one query (e.g. 512MB, 2GB); past it: 422.")
+    query_threads: int = _setting(2, "DuckDB threads of one query.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

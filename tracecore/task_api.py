@@ -8,15 +8,22 @@ Both must answer identically, so both call :func:`dispatch`. Handlers need an ap
 (the database); each transport provides one per request.
 
 Routes register with :func:`register`. This module ships ``GET /v1/task/whoami``; the data
-plane adds ``query``, ``buffer-publish`` and ``credentials`` the same way.
+plane adds ``query``, ``buffer-publish`` and ``credentials`` the same way. A route that names
+objects by path (``/v1/task/objects/<key>``) registers with :func:`register_prefix`: its
+handler gets the rest of the path, the query string and the raw body. Modules holding routes
+are listed in ``ROUTE_MODULES`` and imported on the first request, so that both transports
+serve the same routes without importing each module themselves.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flask import has_app_context
@@ -65,6 +72,63 @@ def register(method: str, path: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
+@dataclass(frozen=True)
+class RawRequest:
+    """What a prefix route's handler gets: the path after its prefix (as sent), the query, the raw body."""
+
+    method: str
+    rest: str
+    query: str
+    body: bytes
+
+
+RawHandler = Callable[[Capability, RawRequest], tuple[int, dict[str, Any]]]
+PREFIX_HANDLERS: dict[tuple[str, str], RawHandler] = {}
+
+
+def register_prefix(method: str, prefix: str) -> Callable[[RawHandler], RawHandler]:
+    """Add a route for every path under ``prefix`` (a folder of ``/v1/task/``, ending in ``/``).
+
+    Exact routes win over prefix routes. The body is not parsed (an object's bytes are not JSON)
+    but is bounded like every other body.
+    """
+    method = method.upper()
+    if not prefix.startswith(PATH_PREFIX) or prefix == PATH_PREFIX or not prefix.endswith("/") or "?" in prefix:
+        raise ValueError(f"prefix routes are folders under {PATH_PREFIX} (ending in '/', no query): {prefix!r}")
+
+    def decorate(handler: RawHandler) -> RawHandler:
+        existing = PREFIX_HANDLERS.get((method, prefix))
+        if existing is not None and existing.__qualname__ != handler.__qualname__:
+            raise ValueError(f"{method} {prefix} is already handled by {existing.__module__}.{existing.__qualname__}")
+        PREFIX_HANDLERS[(method, prefix)] = handler
+        return handler
+
+    return decorate
+
+
+def _prefix_route(path: str) -> str | None:
+    """The longest registered prefix that ``path`` lies under, if any."""
+    matches = [prefix for (_, prefix) in PREFIX_HANDLERS if path.startswith(prefix)]
+    return max(matches, key=len) if matches else None
+
+
+# Modules whose import registers task API routes; imported once, on the first request.
+ROUTE_MODULES: list[str] = ["tracecore.credentials", "tracecore.saved_queries", "tracecore.publish"]
+_loaded_routes: set[str] = set()
+_routes_lock = threading.Lock()
+
+
+def load_routes() -> None:
+    """Import every module of ``ROUTE_MODULES`` not imported yet (their decorators register the routes)."""
+    if _loaded_routes.issuperset(ROUTE_MODULES):
+        return
+    with _routes_lock:
+        for name in ROUTE_MODULES:
+            if name not in _loaded_routes:
+                importlib.import_module(name)
+                _loaded_routes.add(name)
+
+
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """The platform's one error shape (DESIGN.md, REST conventions)."""
     body: dict[str, Any] = {"code": code, "message": message}
@@ -100,14 +164,25 @@ def dispatch(method: str, path: str, headers: Mapping[str, str], body_bytes: byt
     leaks nothing); then the token (401); then the task it is for (403 ``wrong_task``: a
     gateway serves one task only); then the method (405); then the body (400).
     """
-    method, path = method.upper(), path.split("?", 1)[0]
+    method, (path, _, query) = method.upper(), path.partition("?")
     try:
+        load_routes()
         allowed = sorted(m for (m, p) in HANDLERS if p == path) if path.startswith(PATH_PREFIX) else []
+        prefix = None if allowed else _prefix_route(path)
+        if prefix is not None:
+            allowed = sorted(m for (m, p) in PREFIX_HANDLERS if p == prefix)
         if not allowed:
             raise NotFound(f"no task API route {path}")
         capability = authenticate(headers, secret)
         if expected_task_id is not None and capability.task_id != str(expected_task_id):
             raise PermissionDenied("this gateway serves another task; the token is not valid here", code="wrong_task")
+        if prefix is not None:
+            raw_handler = PREFIX_HANDLERS.get((method, prefix))
+            if raw_handler is None:
+                raise MethodNotAllowed(f"{prefix}... answers {', '.join(allowed)}", details={"allowed": allowed})
+            if len(body_bytes) > MAX_BODY_BYTES:
+                raise PayloadTooLarge(f"the body exceeds {MAX_BODY_BYTES} bytes")
+            return raw_handler(capability, RawRequest(method, path[len(prefix):], query, body_bytes))
         handler = HANDLERS.get((method, path))
         if handler is None:
             raise MethodNotAllowed(f"{path} answers {', '.join(allowed)}", details={"allowed": allowed})

@@ -22,7 +22,7 @@ blp = Blueprint("task", __name__, url_prefix="/v1",
 _ERROR = {"description": "`{\"error\": {\"code\", \"message\"}}`"}
 
 
-@blp.route("/task/<path:rest>", methods=["GET", "POST"])
+@blp.route("/task/<path:rest>", methods=["GET", "POST", "PUT"])
 @blp.doc(security=[{"capability": []}],
          summary="A task API call (GET /v1/task/whoami; the data plane adds query, buffer-publish, credentials)",
          responses={"200": {"description": "The call's JSON answer"}, "401": _ERROR, "403": _ERROR,
