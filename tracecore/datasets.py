@@ -543,6 +543,8 @@ def views_for_capability(capability: Any) -> list[DatasetView]:
     granted: dict[str, Dataset] | None = None
     pins: dict[str, tuple[str, Dataset, int | None]] = {}
     for item in capability.inputs:
+        if item.get("source") and not (item.get("dataset") or item.get("dataset_id")):
+            continue  # a platform source (block_follower): lineage only, nothing to query yet
         name, version = str(item.get("dataset", "")), item.get("version")
         if item.get("dataset_id"):
             dataset = db.session.get(Dataset, uuid.UUID(str(item["dataset_id"])))

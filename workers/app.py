@@ -20,6 +20,7 @@ EXECUTE_TASK = "trace.execute_task"
 REAP_LEASES = "trace.reap_leases"
 PING = "trace.ping"
 REAP_SANDBOXES = "trace.reap_sandboxes"
+BUFFER_PUBLISH = "trace.buffer_publish"
 
 
 def make_celery(flask_app: Flask) -> Celery:

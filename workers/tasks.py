@@ -10,7 +10,7 @@ from flask import current_app as flask_app
 from tracecore import lease as leases
 
 from . import dispatcher
-from .app import EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
+from .app import BUFFER_PUBLISH, EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +49,13 @@ def reap_sandboxes() -> int:
     except Exception:  # no engine here (yet): nothing to reap; the next beat tries again
         log.warning("sandbox reaper could not run", exc_info=True)
         return 0
+
+
+@shared_task(name=BUFFER_PUBLISH)
+def buffer_publish(claims_token: str, manifest: dict) -> dict:
+    """Publish a batch artifact on behalf of the task the capability token names (its fence
+    checked like the gateway's): for publishers with a broker but no gateway socket. Answers the
+    route's JSON with ``status`` inside; a refusal (409, 422 ...) is an answer, not a retry."""
+    from tracecore.publish import publish_with_token
+
+    return publish_with_token(claims_token, manifest, flask_app.config["TRACE_SETTINGS"])

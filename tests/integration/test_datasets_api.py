@@ -460,6 +460,10 @@ def test_views_for_capability_are_exactly_the_pinned_versions(client: FlaskClien
     [appended] = datasets.views_for_capability(capability({"dataset_id": str(theirs.id), "version": 2}))
     assert appended.parquet_keys == ("theirs/0.parquet", "theirs/1.parquet")
     assert datasets.views_for_capability(capability()) == []
+    # A platform source pinned beside a dataset (the seed's block_follower input) is no view.
+    [only] = datasets.views_for_capability(capability({"source": "block_follower"},
+                                                      {"dataset": "decoded", "version": 1}))
+    assert only.name == "decoded"
     for bad in ({"dataset": "decoded", "version": 9}, {"dataset": "theirs", "version": 1},
                 {"dataset": "nothing", "version": 1}, {"dataset_id": str(fresh(other.org_id, "theirs").id),
                                                        "version": 1, "note": "ungranted id"}):

@@ -99,6 +99,8 @@ class Sandbox:
         return outcome, wall
 
     def assert_gone(self, label: str) -> None:
+        # run() answers before its container is removed (in the background): wait for that removal.
+        assert self.backend.drain(timeout=30), "a background removal is still running after 30 s"
         client = self.backend.client
         left = [c.name for c in client.containers.list(all=True, filters={"label": LABEL})
                 if c.labels.get(TEST_LABEL) == label]
@@ -538,6 +540,36 @@ def test_builtin_python_loop_context_and_event(sandbox: Sandbox, tmp_path: Path)
     assert outcome.logs == "hello from the sandbox\n"
 
 
+ALLOCATE = """
+    def handler(event, context):
+        hold = bytearray(event["mb"] << 20)  # zero-filled: every page touched
+        return {"held": len(hold)}
+"""
+
+NODE_ALLOCATE = """
+    exports.handler = async (event) => {
+      const hold = Buffer.alloc(event.mb << 20, 1);
+      return { held: hold.length };
+    };
+"""
+
+
+@pytest.mark.parametrize("runtime, files", [("python3.11", {"trace.py": ALLOCATE}),
+                                             ("nodejs", {"trace.js": NODE_ALLOCATE})], ids=["python", "node"])
+def test_peak_memory_is_reported(sandbox: Sandbox, tmp_path: Path, runtime: str, files: dict[str, str]) -> None:
+    """The wrapper reads the sandbox's cgroup high-water mark: a handler holding 50 MB shows a peak above it."""
+    bundle = write_bundle(tmp_path / "bundle", files)
+    small, _ = sandbox.run(bundle, runtime=runtime, event={"mb": 1})
+    large, _ = sandbox.run(bundle, runtime=runtime, event={"mb": 50})
+    for outcome in (small, large):
+        assert_ok(outcome)
+        assert isinstance(outcome.peak_memory_bytes, int), outcome.peak_memory_bytes
+    assert large.response == {"held": 50 << 20}
+    assert large.peak_memory_bytes > 50 << 20
+    assert large.peak_memory_bytes < 512 << 20  # the sandbox's, not the host's
+    assert large.peak_memory_bytes - small.peak_memory_bytes > 40 << 20
+
+
 @pytest.fixture(scope="session")
 def awslambdaric_dir() -> Path:
     """``pip install --target`` of awslambdaric, cached under /tmp by version; pip failing fails the test."""
@@ -640,6 +672,39 @@ def test_node_callback_error(sandbox: Sandbox, tmp_path: Path) -> None:
     assert outcome.error_type == "Error"
     assert outcome.error_message == "callback failure"
     assert "trace.js" in (outcome.stack_trace or "")
+
+
+NODE_CHILDREN = """
+    const { fork } = require('child_process');
+    const { Worker } = require('worker_threads');
+
+    exports.handler = async () => {
+      const forked = await new Promise((resolve, reject) => {
+        const child = fork(`${__dirname}/child.js`, ['arg']);
+        child.on('message', resolve);
+        child.on('error', reject);
+      });
+      const worker = await new Promise((resolve, reject) => {
+        const thread = new Worker('require("worker_threads").parentPort.postMessage(40 + 2)', { eval: true });
+        thread.on('message', resolve);
+        thread.on('error', reject);
+      });
+      return { forked, worker, fromSnapshot: process.argv.length === 1 };
+    };
+"""
+
+
+def test_node_handler_forks_and_starts_workers(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The sandbox's node starts from the image's snapshot of the wrapper; what the handler starts is plain node
+    running what it was given (the snapshot's flag is not inherited)."""
+    bundle = write_bundle(tmp_path / "bundle", {"trace.js": NODE_CHILDREN, "child.js": """
+        process.send({ argv: process.argv.slice(2), gateway: process.env.TRACE_GATEWAY });
+        process.exit(0);
+    """})
+    outcome, _ = sandbox.run(bundle, runtime="nodejs", limits=SandboxLimits(timeout_s=30.0))
+    assert_ok(outcome)
+    assert outcome.response == {"forked": {"argv": ["arg"], "gateway": "unix:///run/trace/gateway.sock"},
+                                "worker": 42, "fromSnapshot": True}
 
 
 @pytest.fixture(scope="session")

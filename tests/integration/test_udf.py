@@ -78,8 +78,11 @@ def test_udf_runs_in_a_sandbox_and_reaches_the_gateway(client: FlaskClient, tena
     # The handler printed its token: the stored log has it redacted.
     logs = object_store(settings).get(attempt["log_location"]).decode()
     assert "token is [REDACTED]" in logs and "trc1." not in logs
+    # The worker removes the container in the background once the attempt is recorded: it goes soon after.
     task_label = f"org.trace.task={run['tasks'][0]['id']}"
-    assert docker.from_env().containers.list(all=True, filters={"label": task_label}) == []
+    engine = docker.from_env()
+    wait_for(lambda: engine.containers.list(all=True, filters={"label": task_label}) == [], timeout=30,
+             message="the sandbox container to be removed")
 
 
 def test_a_tampered_bundle_fails_with_integrity_error_and_runs_nothing(

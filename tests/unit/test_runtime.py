@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ RUNTIME_DIR = Path(__file__).resolve().parents[2] / "workers" / "runtime"
 FIXTURES = Path(__file__).resolve().parent / "runtime_fixtures"
 NODE = shutil.which("node") or "/usr/bin/node"
 TOKEN = "cap-token-for-tests"
-RESULT_KEYS = {"status", "response", "error", "duration_ms", "exit_code"}
+RESULT_KEYS = {"status", "response", "error", "duration_ms", "exit_code", "peak_memory_bytes"}
 
 
 def load_module(path: Path) -> ModuleType:
@@ -70,12 +71,31 @@ def write_bundle(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def node_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """node_bootstrap.js as a startup snapshot, as the node image bakes it (there with the image's node)."""
+    blob = tmp_path_factory.mktemp("node-snapshot") / "node_bootstrap.blob"
+    build = [NODE, "--snapshot-blob", str(blob), "--build-snapshot", str(RUNTIME_DIR / "node_bootstrap.js")]
+    done = subprocess.run(build, cwd=blob.parent, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0 or not blob.is_file():
+        pytest.fail(f"node could not build the snapshot ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return blob
+
+
+def wrapper_command(wrapper: str, request: pytest.FixtureRequest) -> list[str]:
+    if wrapper == "node_bootstrap.blob":
+        return [NODE, "--snapshot-blob", str(request.getfixturevalue("node_snapshot"))]
+    return [NODE if wrapper.endswith(".js") else sys.executable, str(RUNTIME_DIR / wrapper)]
+
+
 @pytest.fixture
-def run_wrapper(tmp_path: Path, bin_dir: Path) -> Callable[..., Outcome]:
-    """Run bootstrap.py over a bundle and return its result document (and how it exited)."""
+def run_wrapper(tmp_path: Path, bin_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Outcome]:
+    """Run a wrapper (bootstrap.py; for nodejs also node_bootstrap.js, as a script or from its snapshot
+    ``node_bootstrap.blob``) over a bundle and return its result document (and how it exited)."""
 
     def run(bundle: Path | dict[str, str], runtime: str = "python3.11", handler: str = "trace.handler",
-            event: Any = None, timeout_s: float = 10, env: dict[str, str] | None = None) -> Outcome:
+            event: Any = None, timeout_s: float = 10, env: dict[str, str] | None = None,
+            wrapper: str = "bootstrap.py") -> Outcome:
         root = bundle if isinstance(bundle, Path) else write_bundle(tmp_path / "task", bundle)
         result_file = tmp_path / "result.json"
         wrapper_env = {
@@ -93,7 +113,7 @@ def run_wrapper(tmp_path: Path, bin_dir: Path) -> Callable[..., Outcome]:
             **(env or {}),
         }
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, str(RUNTIME_DIR / "bootstrap.py")], env=wrapper_env,
+        proc = subprocess.run(wrapper_command(wrapper, request), env=wrapper_env,
                               capture_output=True, text=True, timeout=timeout_s + 30, check=False)
         elapsed = time.monotonic() - started
         result = json.loads(result_file.read_text()) if result_file.exists() else {}
@@ -225,8 +245,13 @@ def test_unwritable_result_file_goes_to_stdout(run_wrapper: Callable[..., Outcom
 
 # ---------------------------------------------------------------- Node handlers
 
+# bootstrap.py runs node_loop.js as a Runtime API client in a child process (process and fargate backends);
+# node_bootstrap.js runs it in its own process (the Docker backend's `nodejs` sandboxes, from a snapshot).
+NODE_WRAPPERS = pytest.mark.parametrize("wrapper", ["bootstrap.py", "node_bootstrap.js", "node_bootstrap.blob"])
 
-def test_node_async_handler(run_wrapper: Callable[..., Outcome]) -> None:
+
+@NODE_WRAPPERS
+def test_node_async_handler(run_wrapper: Callable[..., Outcome], wrapper: str) -> None:
     out = run_wrapper({"index.js": """
         const sdk = require('trace_sdk');
         exports.handler = async (event, context) => {
@@ -235,39 +260,167 @@ def test_node_async_handler(run_wrapper: Callable[..., Outcome]) -> None:
                    remaining: context.getRemainingTimeInMillis(), sdk: typeof sdk.query,
                    waits: context.callbackWaitsForEmptyEventLoop, leaked: process.env.SECRET_SHOULD_NOT_LEAK || null };
         };
-    """}, runtime="nodejs", handler="index.handler", event={"a": [1, 2]}, env={"TRACE_REQUEST_ID": "n-1"})
+    """}, runtime="nodejs", handler="index.handler", event={"a": [1, 2]}, env={"TRACE_REQUEST_ID": "n-1"},
+                      wrapper=wrapper)
     assert out.result["status"] == "ok", out
     assert out.result["response"] == {"echo": {"a": [1, 2]}, "id": "n-1", "name": "udf-test", "sdk": "function",
                                       "waits": True, "leaked": None, "remaining": out.result["response"]["remaining"]}
     assert out.result["response"]["remaining"] > 0
 
 
-def test_node_callback_handler(run_wrapper: Callable[..., Outcome]) -> None:
+@NODE_WRAPPERS
+def test_node_callback_handler(run_wrapper: Callable[..., Outcome], wrapper: str) -> None:
     out = run_wrapper({"lib/app.js": """
         exports.handler = function (event, context, callback) {
           setTimeout(() => callback(null, { doubled: event.n * 2 }), 5);
         };
-    """}, runtime="nodejs", handler="lib/app.handler", event={"n": 21})
+    """}, runtime="nodejs", handler="lib/app.handler", event={"n": 21}, wrapper=wrapper)
     assert out.result["status"] == "ok", out
     assert out.result["response"] == {"doubled": 42}
 
 
-def test_node_errors(run_wrapper: Callable[..., Outcome]) -> None:
+@NODE_WRAPPERS
+def test_node_errors(run_wrapper: Callable[..., Outcome], wrapper: str) -> None:
     thrown = run_wrapper({"index.js": "exports.handler = async () => { throw new TypeError('nope'); };\n"},
-                         runtime="nodejs", handler="index.handler")
+                         runtime="nodejs", handler="index.handler", wrapper=wrapper)
     assert thrown.result["status"] == "error", thrown
     assert thrown.result["error"]["errorType"] == "TypeError"
     assert any("index.js" in line for line in thrown.result["error"]["stackTrace"])
-    missing = run_wrapper({"index.js": "exports.other = async () => 1;\n"}, runtime="nodejs", handler="index.handler")
+    missing = run_wrapper({"index.js": "exports.other = async () => 1;\n"}, runtime="nodejs", handler="index.handler",
+                          wrapper=wrapper)
     assert missing.result["status"] == "init_error"
     assert missing.result["error"]["errorType"] == "Runtime.HandlerNotFound"
 
 
-def test_node_esm_handler(run_wrapper: Callable[..., Outcome]) -> None:
+@NODE_WRAPPERS
+def test_node_esm_handler(run_wrapper: Callable[..., Outcome], wrapper: str) -> None:
     out = run_wrapper({"index.mjs": "export const handler = async (event) => ({ esm: event.x });\n"},
-                      runtime="nodejs", handler="index.handler", event={"x": "yes"})
+                      runtime="nodejs", handler="index.handler", event={"x": "yes"}, wrapper=wrapper)
     assert out.result["status"] == "ok", out
     assert out.result["response"] == {"esm": "yes"}
+
+
+def test_node_in_process_environment_is_the_child_processes(run_wrapper: Callable[..., Outcome],
+                                                              tmp_path: Path) -> None:
+    """node_bootstrap.js rebuilds process.env before the handler loads: exactly what bootstrap.py gives its node
+    child, but AWS_LAMBDA_RUNTIME_API (no HTTP Runtime API listens; see node_bootstrap.js)."""
+    files = {"index.js": "exports.handler = async () => ({ env: process.env, cwd: process.cwd() });\n"}
+    seen = {}
+    for wrapper in ("bootstrap.py", "node_bootstrap.js", "node_bootstrap.blob"):
+        out = run_wrapper(files, runtime="nodejs", handler="index.handler", env={"TRACE_REQUEST_ID": "n-2"},
+                          wrapper=wrapper)
+        assert out.result["status"] == "ok", out
+        assert out.result["response"]["cwd"] == str(tmp_path / "task")
+        seen[wrapper] = {k: v for k, v in out.result["response"]["env"].items() if k != "_X_AMZN_TRACE_ID"}
+    child = seen["bootstrap.py"]
+    assert child.pop("AWS_LAMBDA_RUNTIME_API").startswith("127.0.0.1:")
+    assert seen["node_bootstrap.js"] == seen["node_bootstrap.blob"] == child
+    assert child["TRACE_CAPABILITY_TOKEN"] == TOKEN and "SECRET_SHOULD_NOT_LEAK" not in child
+    assert child["NODE_PATH"].split(":") == [str(tmp_path / "task"), str(RUNTIME_DIR)]
+
+
+@NODE_WRAPPERS
+@pytest.mark.parametrize("source", [
+    "exports.handler = () => { for (;;) {} };\n",  # blocks the event loop: V8 is interrupted at the deadline
+    "exports.handler = async () => { for (;;) {} };\n",
+    "exports.handler = () => new Promise(() => { setInterval(() => {}, 1000); });\n",  # never answers
+    "for (;;) {}\nexports.handler = () => 1;\n",  # the module's top level never ends
+], ids=["sync-loop", "async-loop", "pending", "top-level-loop"])
+def test_node_timeouts(run_wrapper: Callable[..., Outcome], wrapper: str, source: str) -> None:
+    out = run_wrapper({"index.js": source}, runtime="nodejs", handler="index.handler", timeout_s=1, wrapper=wrapper)
+    assert out.result["status"] == "timeout", out
+    assert out.result["error"]["errorType"] == "Sandbox.Timedout"
+    assert out.elapsed < 1 + 2, out.elapsed
+    assert out.returncode == 1
+
+
+@NODE_WRAPPERS
+def test_node_exits_escapes_and_oversized_answers(run_wrapper: Callable[..., Outcome], wrapper: str) -> None:
+    def run(source: str) -> Outcome:
+        return run_wrapper({"index.js": source}, runtime="nodejs", handler="index.handler", wrapper=wrapper)
+
+    exited = run("exports.handler = () => { process.exit(3); };\n")
+    assert exited.result["status"] == "exited" and exited.result["exit_code"] == 3, exited
+    assert exited.result["error"]["errorType"] == "Runtime.ExitError"
+    assert exited.returncode == 1
+    forgotten = run("exports.handler = (event, context, callback) => {};\n")  # nothing pending, no answer
+    assert forgotten.result["status"] == "exited" and forgotten.result["exit_code"] == 0, forgotten
+    late = run("exports.handler = () => new Promise(() => { setTimeout(() => { throw new RangeError('late'); }); });\n")
+    assert late.result["status"] == "error", late
+    assert (late.result["error"]["errorType"], late.result["error"]["errorMessage"]) == ("RangeError", "late")
+    large = run("exports.handler = async () => 'x'.repeat(7 * 1024 * 1024);\n")
+    assert large.result["status"] == "error", large.result["status"]
+    assert large.result["error"]["errorType"] == "result_too_large"
+
+
+NODE_SLEEPER = {"index.js": """
+    exports.handler = () => new Promise(() => {
+      require('fs').writeFileSync(require('path').join(process.env.LAMBDA_TASK_ROOT, '..', 'started'),
+                                  String(process.pid));
+      setTimeout(() => {}, 60000);
+    });
+"""}
+
+
+@pytest.mark.parametrize(("runtime", "wrapper", "files", "handler"), [
+    ("python3.11", "bootstrap.py", {"trace.py": """
+        import os, time
+        def handler(event, context):
+            open(os.path.join(os.environ["LAMBDA_TASK_ROOT"], "..", "started"), "w").write(str(os.getpid()))
+            time.sleep(60)
+    """}, "trace.handler"),
+    ("nodejs", "node_bootstrap.js", NODE_SLEEPER, "index.handler"),
+    ("nodejs", "node_bootstrap.blob", NODE_SLEEPER, "index.handler"),
+], ids=["python", "node", "node-snapshot"])
+def test_sigterm_ends_the_invocation(tmp_path: Path, bin_dir: Path, request: pytest.FixtureRequest, runtime: str,
+                                     wrapper: str, files: dict[str, str], handler: str) -> None:
+    """The platform stopping the wrapper (docker stop): it answers `terminated` at once, its runtime is gone."""
+    root = write_bundle(tmp_path / "task", files)
+    result_file = tmp_path / "result.json"
+    env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "TRACE_RUNTIME": runtime, "_HANDLER": handler,
+           "TRACE_TASK_ROOT": str(root), "TRACE_EVENT": "{}", "TRACE_RESULT_FILE": str(result_file),
+           "TRACE_TIMEOUT_S": "30"}
+    proc = subprocess.Popen(wrapper_command(wrapper, request), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the handler never started"
+            time.sleep(0.02)
+        runtime_pid = int((tmp_path / "started").read_text())
+        started = time.monotonic()
+        proc.terminate()
+        assert proc.wait(timeout=10) == 1
+        assert time.monotonic() - started < 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "error" and result["error"]["errorType"] == "Sandbox.Terminated", result
+    with pytest.raises(ProcessLookupError):
+        os.kill(runtime_pid, 0)  # the runtime process went with it (its own process for python: reaped)
+
+
+def test_python_runtime_process_is_a_fresh_one(run_wrapper: Callable[..., Outcome]) -> None:
+    """The forked loop looks like `python3 python_loop.py` started anew: unbuffered stdio, its own session,
+    stdin on /dev/null, the bundle first on sys.path, and the bundle's modules named like ours importable."""
+    out = run_wrapper({"trace.py": """
+        import os, sys
+        import bootstrap, python_loop  # the bundle's, not the wrapper's
+        def handler(event, context):
+            return {"mine": [bootstrap.MINE, python_loop.MINE], "path0": sys.path[0],
+                    "unbuffered": sys.stdout.write_through and sys.stderr.write_through,
+                    "session_leader": os.getsid(0) == os.getpid(), "stdin": os.readlink("/proc/self/fd/0"),
+                    "main": sys.modules["__main__"].__name__, "argv": sys.argv}
+    """, "bootstrap.py": "MINE = 'b'\n", "python_loop.py": "MINE = 'p'\n"})
+    assert out.result["status"] == "ok", out
+    answer = out.result["response"]
+    assert answer["mine"] == ["b", "p"] and answer["unbuffered"] and answer["session_leader"]
+    assert answer["path0"].endswith("task") and answer["stdin"] == "/dev/null"
+    assert answer["main"] == "python_loop" and answer["argv"] == [str(RUNTIME_DIR / "python_loop.py")]
+    peak = out.result["peak_memory_bytes"]
+    assert peak is None or (isinstance(peak, int) and peak > 0)
 
 
 # ---------------------------------------------------------------- provided runtimes
@@ -333,6 +486,46 @@ def test_second_next_blocks_after_answer() -> None:
         assert call("POST", "/2018-06-01/runtime/invocation/rid-1/error", b"{}")[0] == 400  # already answered
         with pytest.raises(TimeoutError):
             call("GET", "/2018-06-01/runtime/invocation/next", timeout=0.5)
+    finally:
+        server.stop()
+
+
+def _read_response(stream: Any) -> tuple[int, dict[str, str], bytes]:
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline().decode("latin-1").strip()):
+        key, _, value = line.partition(":")
+        headers[key.lower()] = value.strip()
+    return status, headers, stream.read(int(headers.get("content-length", 0)))
+
+
+def test_runtime_api_speaks_http_1_1() -> None:
+    """The hand-written server with a raw client: pipelined keep-alive requests, Expect: 100-continue with a
+    chunked body, and HTTP/1.0 (closed after the answer)."""
+    bootstrap = load_module(RUNTIME_DIR / "bootstrap.py")
+    invocation = bootstrap.Invocation("rid-2", b'{"e": 2}', int(time.time() * 1000) + 5000, "fn")
+    server = bootstrap.RuntimeAPIServer(invocation)
+    server.start()
+    address = ("127.0.0.1", server.server_address[1])
+    api = "/2018-06-01/runtime"
+    try:
+        with socket.create_connection(address, timeout=5) as sock, sock.makefile("rb") as stream:
+            sock.sendall(f"GET {api}/nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                         f"GET {api}/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert _read_response(stream)[0] == 404
+            status, headers, body = _read_response(stream)
+            assert (status, body, headers["lambda-runtime-aws-request-id"]) == (200, b'{"e": 2}', "rid-2")
+        with socket.create_connection(address, timeout=5) as sock, sock.makefile("rb") as stream:
+            sock.sendall(f"POST {api}/invocation/rid-2/response HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n".encode())
+            assert stream.readline() == b"HTTP/1.1 100 Continue\r\n" and stream.readline() == b"\r\n"
+            sock.sendall(b'5\r\n{"ok"\r\n6;ext=1\r\n: true\r\n1\r\n}\r\n0\r\n\r\n')
+            assert _read_response(stream)[0] == 202
+        assert invocation.answered.wait(timeout=5) and invocation.response == {"ok": True}
+        with socket.create_connection(address, timeout=5) as sock, sock.makefile("rb") as stream:
+            sock.sendall(f"GET {api}/nope HTTP/1.0\r\n\r\n".encode())
+            assert _read_response(stream)[0] == 404
+            assert stream.read() == b""  # closed by the server
     finally:
         server.stop()
 

@@ -5,6 +5,12 @@ SHA-256 into a read-only cache, mint a capability token for this lease, open a t
 gateway socket for this task only, run the sandbox backend, and turn its outcome into
 an attempt: the answer (capped), or a failure with its exit reason, plus peak memory
 and the logs (capped, secrets redacted) stored in the object store.
+
+The token pins the job's inputs at their current versions (``publish.pinned_inputs``), so
+the UDF's queries and the lineage of what it publishes name exactly the data it saw. Rows
+the handler returns (``{"rows": [...]}``) are published to the job's first output through
+the same fenced buffer-publish as the gateway's; a refused publish fails the attempt
+(``publish_error``, or ``stale_fence`` when a newer attempt owns the task).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tracecore import bundles, tokens
+from tracecore import bundles, publish, tokens
+from tracecore.exceptions import StaleFence, TraceError
 from tracecore.lease import Failure
 from tracecore.settings import Settings
 from tracecore.storage import object_store
@@ -43,7 +50,7 @@ def run(context: OperatorContext) -> OperatorResult:
         raise AttemptFailed(Failure("integrity_error", "BundleIntegrityError", exc.message, retryable=False)) from None
     bundle_dir = _unpacked(settings, bundle.sha256, data)
     secret = tokens.secret_key(settings)
-    capability = tokens.for_lease(lease, settings)
+    capability = tokens.for_lease(lease, settings, inputs=publish.pinned_inputs(lease.org_id, lease.job_spec))
     token = tokens.mint(capability, secret)
     limits = SandboxLimits(**_limits(lease.job_spec.get("limits") or {}))
     work_dir = Path(tempfile.mkdtemp(prefix=f"{lease.task_id}-{lease.fence}-", dir=_sandboxes_dir(settings)))
@@ -69,7 +76,28 @@ def run(context: OperatorContext) -> OperatorResult:
         raise AttemptFailed(Failure("result_too_large", "ResultTooLarge",
                                     f"the handler's answer exceeds {RESULT_CAP_BYTES} bytes", retryable=False),
                             peak_memory_bytes=outcome.peak_memory_bytes, log_location=log_location)
-    return OperatorResult(outcome.response, peak_memory_bytes=outcome.peak_memory_bytes, log_location=log_location)
+    response = outcome.response
+    if isinstance(response, dict) and isinstance(response.get("rows"), list):
+        _publish_returned(capability, response["rows"], store, outcome, log_location)
+    return OperatorResult(response, peak_memory_bytes=outcome.peak_memory_bytes, log_location=log_location)
+
+
+def _publish_returned(capability: tokens.Capability, rows: list[Any], store: Any, outcome: Outcome,
+                      log_location: str | None) -> None:
+    """Publish the rows a handler returned to the job's first output; a refusal fails the attempt.
+
+    Only platform faults (5xx) are retried: a dead-lettered batch or an undeclared dataset
+    would be refused again, and a stale fence means another attempt owns the task.
+    """
+    measured = {"peak_memory_bytes": outcome.peak_memory_bytes, "log_location": log_location}
+    try:
+        publish.publish_rows(capability, None, rows, store=store)
+    except StaleFence as exc:
+        raise AttemptFailed(Failure("stale_fence", "StaleFence", exc.message, retryable=False), **measured) from None
+    except TraceError as exc:
+        details = f" {json.dumps(exc.details, default=str)[:2000]}" if exc.details else ""
+        raise AttemptFailed(Failure("publish_error", type(exc).__name__, f"{exc.code}: {exc.message}{details}",
+                                    retryable=exc.http_status >= 500), **measured) from None
 
 
 def _event(lease: Any, capability: tokens.Capability) -> dict[str, Any]:

@@ -7,24 +7,33 @@
  * Handler `file.function` (file may be `dir/file`; the function may be a dotted path): the file is
  * `<task root>/<file>.mjs` (dynamic import), else `.js`/`.cjs` (require, falling back to import for ESM).
  * Async handlers (returning a Promise) and callback handlers `(event, context, callback)` both work.
- * Node 18 and later: `http`, `fs`, `path` and `url` built-ins only.
+ * Node 18 and later: `http`, `fs`, `path` and `url` built-ins only, each loaded when first needed
+ * (this Node compiles its built-ins at every start: `http` alone costs ~12 ms of the sandbox's CPU).
+ *
+ * Two ways to run:
+ *   - as a script (`node node_loop.js`, what bootstrap.py starts): a Runtime API client over HTTP;
+ *   - required by node_bootstrap.js, in its process: `invokeInProcess` hands one invocation (the same
+ *     `next` headers and body the Runtime API serves) through the same handler loading, context and
+ *     calling code, and reports the answer instead of POSTing it.
  */
 
-const http = require('http');
 const fs = require('fs');
 const path = require('path');
-const { pathToFileURL } = require('url');
 
 const API = '/2018-06-01/runtime';
-const [HOST, PORT] = (process.env.AWS_LAMBDA_RUNTIME_API || '127.0.0.1:9001').split(':');
-const TASK_ROOT = process.env.LAMBDA_TASK_ROOT || '/var/task';
+
+function taskRoot() {
+  return process.env.LAMBDA_TASK_ROOT || '/var/task';
+}
 
 /** One HTTP call to the Runtime API; no timeout, because `next` blocks by design. */
 function call(method, urlPath, body, headers) {
+  const http = require('http');
+  const [host, port] = (process.env.AWS_LAMBDA_RUNTIME_API || '127.0.0.1:9001').split(':');
   return new Promise((resolve, reject) => {
     const data = body === undefined ? undefined : Buffer.from(body);
     const req = http.request({
-      host: HOST, port: Number(PORT), method, path: urlPath, agent: false,
+      host, port: Number(port), method, path: urlPath, agent: false,
       headers: Object.assign(data ? { 'Content-Length': data.length } : {}, headers || {}),
     }, (res) => {
       const chunks = [];
@@ -63,24 +72,27 @@ class InitError extends Error {
   constructor(doc) { super(doc.errorMessage); this.doc = doc; }
 }
 
-/** Resolve `file.function` to a function, loading CommonJS or ESM as the file demands. */
-async function loadHandler(spec) {
+/** Resolve `file.function` to a function, loading CommonJS or ESM as the file demands.
+ * `run(fn)` runs the synchronous load (node_bootstrap.js passes one that enforces the deadline). */
+async function loadHandler(spec, run = (fn) => fn()) {
   const slash = spec.lastIndexOf('/');
   const dot = spec.indexOf('.', slash + 1);
   if (dot < 0 || dot === spec.length - 1) {
     throw new InitError({ errorType: 'Runtime.MalformedHandlerName', errorMessage: `Bad handler ${spec}`, stackTrace: [] });
   }
-  const file = path.resolve(TASK_ROOT, spec.slice(0, dot));
+  const file = path.resolve(taskRoot(), spec.slice(0, dot));
   const attrs = spec.slice(dot + 1).split('.');
   let mod;
   try {
     if (fs.existsSync(`${file}.mjs`)) {
+      const { pathToFileURL } = require('url');
       mod = await import(pathToFileURL(`${file}.mjs`).href);
     } else {
       try {
-        mod = require(file);
+        mod = run(() => require(file));
       } catch (err) {
         if (err && err.code === 'ERR_REQUIRE_ESM') {
+          const { pathToFileURL } = require('url');
           mod = await import(pathToFileURL(require.resolve(file)).href);
         } else {
           throw err;
@@ -124,8 +136,9 @@ function makeContext(headers) {
   return context;
 }
 
-/** Call the handler and settle on its first outcome: returned Promise, callback, or context.succeed/fail. */
-function runHandler(handler, event, context) {
+/** Call the handler and settle on its first outcome: returned Promise, callback, or context.succeed/fail.
+ * `run(fn)` makes the synchronous call (see loadHandler). */
+function runHandler(handler, event, context, run = (fn) => fn()) {
   return new Promise((resolve, reject) => {
     let settled = false;
     const done = (err, result) => {
@@ -138,7 +151,7 @@ function runHandler(handler, event, context) {
     context.fail = (err) => done(err === undefined ? new Error('handled') : err);
     let ret;
     try {
-      ret = handler(event, context, done);
+      ret = run(() => handler(event, context, done));
     } catch (err) {
       done(err);
       return;
@@ -149,6 +162,42 @@ function runHandler(handler, event, context) {
       done(null, ret);  // a plain synchronous handler: its return value is the result
     }
   });
+}
+
+/** What one `next` turns into: the handler's answer as ['response', JSON text] or ['error', error document].
+ * The same steps for both ways of running. */
+async function answer(handler, next, run) {
+  const context = makeContext(next.headers);
+  if (next.headers['lambda-runtime-trace-id']) process.env._X_AMZN_TRACE_ID = next.headers['lambda-runtime-trace-id'];
+  try {
+    const event = next.body.length ? JSON.parse(next.body.toString('utf8')) : null;
+    const result = await runHandler(handler, event, context, run);
+    return ['response', JSON.stringify(result === undefined ? null : result)];
+  } catch (err) {
+    console.error(err);
+    return ['error', errorDocument(err)];
+  }
+}
+
+/**
+ * One invocation in this process (node_bootstrap.js): `next` is {headers (lower-case names), body (Buffer)}
+ * exactly as GET next would answer; `report(kind, payload)` receives ('invoke') when the handler is about to
+ * be called, then what the loop would POST: ('init_error', document), ('error', document) or ('response',
+ * JSON text).
+ */
+async function invokeInProcess(next, report, run) {
+  let handler;
+  try {
+    handler = await loadHandler(process.env._HANDLER || '', run);
+  } catch (err) {
+    const doc = err instanceof InitError ? err.doc : errorDocument(err, 'Runtime.ImportModuleError');
+    console.error(`[node_loop] init failed: ${doc.errorMessage}`);
+    report('init_error', doc);
+    return;
+  }
+  report('invoke');
+  const [kind, payload] = await answer(handler, next, run);
+  report(kind, payload);
 }
 
 let current = null;  // the request id being served, for errors that escape the handler
@@ -171,23 +220,15 @@ async function main() {
       return;  // the Runtime API is gone: the wrapper is done with us
     }
     if (next.status !== 200) return;
-    const context = makeContext(next.headers);
-    const base = `${API}/invocation/${context.awsRequestId}`;
-    if (next.headers['lambda-runtime-trace-id']) process.env._X_AMZN_TRACE_ID = next.headers['lambda-runtime-trace-id'];
+    const base = `${API}/invocation/${next.headers['lambda-runtime-aws-request-id']}`;
     current = base;
-    let body;
-    try {
-      const event = next.body.length ? JSON.parse(next.body.toString('utf8')) : null;
-      const result = await runHandler(handler, event, context);
-      body = JSON.stringify(result === undefined ? null : result);
-    } catch (err) {
-      console.error(err);
-      current = null;
-      await postError(`${base}/error`, errorDocument(err));
+    const [kind, payload] = await answer(handler, next);
+    current = null;
+    if (kind === 'error') {
+      await postError(`${base}/error`, payload);
       continue;
     }
-    current = null;
-    const res = await call('POST', `${base}/response`, body, { 'Content-Type': 'application/json' });
+    const res = await call('POST', `${base}/response`, payload, { 'Content-Type': 'application/json' });
     if (res.status !== 202) console.error(`[node_loop] response answered ${res.status}: ${res.body.toString().slice(0, 200)}`);
   }
 }
@@ -203,10 +244,13 @@ function escaped(kind) {
   };
 }
 
-process.on('uncaughtException', escaped(undefined));
-process.on('unhandledRejection', escaped('Runtime.UnhandledPromiseRejection'));
+module.exports = { InitError, errorDocument, loadHandler, makeContext, runHandler, invokeInProcess };
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+if (require.main === module) {
+  process.on('uncaughtException', escaped(undefined));
+  process.on('unhandledRejection', escaped('Runtime.UnhandledPromiseRejection'));
+  main().catch((err) => {
+    console.error(err);
+    process.exit(1);
+  });
+}

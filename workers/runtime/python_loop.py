@@ -8,21 +8,44 @@ serves both the same way.
 Reads AWS_LAMBDA_RUNTIME_API, _HANDLER (``module.function``; ``pkg/mod.fn`` means ``pkg.mod``) and
 LAMBDA_TASK_ROOT. Import failures are posted to ``init/error`` (Runtime.ImportModuleError,
 Runtime.HandlerNotFound, Runtime.MalformedHandlerName) and the process exits, as Lambda's does.
+
+Run two ways: forked from the wrapper (bootstrap.py, the usual way: it hands over its JSON functions
+with :func:`use_json`), or as a script, ``python3 python_loop.py``. Either way it imports only C
+modules up front (raw HTTP/1.1 over ``_socket``, no http.client, no json package unless run as a
+script): the sandbox's CPU quota makes every import of the loop a cost of every invocation.
 """
 
 from __future__ import annotations
 
-import http.client
-import importlib
-import json
+import _socket
 import os
 import sys
 import time
-import traceback
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 API = "/2018-06-01/runtime"
+
+_loads: Callable[[bytes], Any] | None = None
+_dumps: Callable[[Any], str] | None = None
+
+
+def use_json(loads: Callable[[bytes], Any], dumps: Callable[[Any], str]) -> None:
+    """Use these instead of the json package (the wrapper's, on the same C accelerator)."""
+    global _loads, _dumps
+    _loads, _dumps = loads, dumps
+
+
+def _json() -> tuple[Callable[[bytes], Any], Callable[[Any], str]]:
+    if _loads is None or _dumps is None:
+        import json
+
+        use_json(json.loads, json.dumps)
+    assert _loads is not None and _dumps is not None
+    return _loads, _dumps
 
 
 class LambdaContext:
@@ -46,28 +69,66 @@ class LambdaContext:
 
 
 class RuntimeClient:
-    """HTTP to the wrapper's Runtime API; one connection per call keeps it simple and the wrapper stateless."""
+    """HTTP/1.1 to the wrapper's Runtime API; one connection per call keeps it simple and the wrapper stateless."""
 
     def __init__(self, address: str) -> None:
         self.address = address
+        host, _, port = address.rpartition(":")
+        self._target = (host or "127.0.0.1", int(port))
 
     def call(self, method: str, path: str, body: bytes | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection(self.address)  # no timeout: `next` blocks by design
+        """One request; raises OSError when the API is gone (refused, or closed without an answer)."""
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.address}", "Connection: close"]
+        if body is not None or method in ("POST", "PUT"):
+            lines.append(f"Content-Length: {len(body or b'')}")
+        lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)  # no timeout: `next` blocks by design
         try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+            sock.connect(self._target)
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+            received = bytearray()
+            end = length = -1
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                received += data
+                if end < 0:
+                    end = received.find(b"\r\n\r\n")
+                    if end >= 0:
+                        status, headers_in = _parse_head(bytes(received[:end]))
+                        length = int(headers_in.get("content-length", -1))
+                if end >= 0 and 0 <= length <= len(received) - end - 4:
+                    break
         finally:
-            connection.close()
+            sock.close()
+        if end < 0:
+            raise ConnectionError(f"the Runtime API closed the connection without an answer to {method} {path}")
+        payload = bytes(received[end + 4:])
+        return status, headers_in, payload if length < 0 else payload[:length]
 
     def post_error(self, path: str, error: dict[str, Any]) -> None:
-        self.call("POST", path, json.dumps(error).encode(),
+        self.call("POST", path, _json()[1](error).encode(),
                   {"Content-Type": "application/json", "Lambda-Runtime-Function-Error-Type": error["errorType"]})
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConnectionError(f"not an HTTP response: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return int(parts[1]), headers
 
 
 def error_document(exc: BaseException, error_type: str | None = None, skip_frames: int = 0) -> dict[str, Any]:
     """Lambda's error shape: the message, the type, and the stack as formatted lines (user frames only)."""
+    import traceback
+
     tb = exc.__traceback__
     for _ in range(skip_frames):
         if tb is not None:
@@ -89,7 +150,8 @@ def load_handler(spec: str, task_root: str) -> Callable[..., Any]:
                           "errorType": "Runtime.MalformedHandlerName", "stackTrace": []})
     module_name = module_path.replace("/", ".")
     try:
-        module = importlib.import_module(module_name)
+        __import__(module_name)  # importlib.import_module without importing importlib
+        module = sys.modules[module_name]
     except Exception as exc:
         document = error_document(exc, "Runtime.ImportModuleError", skip_frames=1)
         document["errorMessage"] = f"Unable to import module '{module_name}': {type(exc).__name__}: {exc}"
@@ -111,6 +173,7 @@ class _InitError(Exception):
 
 def invoke(client: RuntimeClient, handler: Callable[..., Any]) -> bool:
     """One turn of the loop; False when the Runtime API is gone (the wrapper is done with us)."""
+    loads, dumps = _json()
     try:
         status, headers, body = client.call("GET", f"{API}/invocation/next")
     except OSError:
@@ -125,14 +188,16 @@ def invoke(client: RuntimeClient, handler: Callable[..., Any]) -> bool:
     context = LambdaContext(request_id, int(headers.get("lambda-runtime-deadline-ms") or 0),
                             headers.get("lambda-runtime-invoked-function-arn", ""))
     try:
-        event = json.loads(body) if body else None
+        event = loads(body) if body else None
         result = handler(event, context)
     except Exception as exc:
+        import traceback
+
         traceback.print_exc()
         client.post_error(f"{base}/error", error_document(exc, skip_frames=1))
         return True
     try:
-        payload = json.dumps(result).encode()
+        payload = dumps(result).encode()
     except (TypeError, ValueError) as exc:
         client.post_error(f"{base}/error", {"errorMessage": f"Unable to marshal response: {exc}",
                                             "errorType": "Runtime.MarshalError", "stackTrace": []})
