@@ -69,7 +69,7 @@ from .dataset_schema import (
 )
 from .dataset_schema import schema_fingerprint as fingerprint_of
 from .db import Base, created_at, db, uuid_pk
-from .exceptions import NotFound, ValidationError
+from .exceptions import NotFound, PermissionDenied, ValidationError
 from .orgs import Org
 
 PARTITION_KINDS = ("block_range", "date")
@@ -562,7 +562,36 @@ def views_for_capability(capability: Any) -> list[DatasetView]:
             raise ValidationError(f"dataset {name!r} is pinned twice, at versions {pins[name][2]} and {version}",
                                   path="inputs", code="conflicting_pins")
         pins[name or dataset.name] = (name or dataset.name, dataset, version)
+    pii = [dataset for _, dataset, _ in pins.values() if dataset.pii]
+    if pii:
+        _check_task_pii(capability, pii)
     return _views(list(pins.values()))
+
+
+_ACCOUNTABLE_USER = text("""
+SELECT coalesce(runs.triggered_by, dag_versions.created_by)
+FROM runs LEFT JOIN jobs ON jobs.id = runs.job_id
+LEFT JOIN dag_versions ON dag_versions.dag_id = jobs.dag_id AND dag_versions.version = jobs.dag_version
+WHERE runs.id = :run_id
+""")
+
+
+def _check_task_pii(capability: Any, pii: list[Dataset]) -> None:
+    """A task reads a PII dataset only on behalf of a user who holds a grant for it: whoever
+    triggered the run, or, for runs no one triggered (schedules, data), whoever saved the
+    job's DAG version. No such grant: 403, nothing read."""
+    try:
+        run_id = uuid.UUID(str(capability.run_id))
+    except ValueError:
+        run_id = None
+    user_id = db.session.scalar(_ACCOUNTABLE_USER, {"run_id": run_id}) if run_id else None
+    granted = set() if user_id is None else set(db.session.scalars(
+        select(PiiGrant.dataset_id).where(PiiGrant.user_id == user_id,
+                                          PiiGrant.dataset_id.in_([d.id for d in pii]))))
+    missing = [d.name for d in pii if d.id not in granted]
+    if missing:
+        raise PermissionDenied(f"PII dataset(s) {', '.join(missing)} need a PII grant for the user this task runs "
+                               "for (who triggered the run, or who saved its DAG)", code="pii_not_granted")
 
 
 def _views(pins: Sequence[tuple[str, Dataset, int | None]]) -> list[DatasetView]:

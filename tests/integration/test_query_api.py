@@ -27,6 +27,7 @@ from tracecore import dataset_admin, datasets, tokens
 from tracecore.appctx import settings_of
 from tracecore.audit import AuditLog
 from tracecore.db import db
+from tracecore.orgs import User
 from tracecore.saved_queries import Download
 from tracecore.settings import Settings, configure
 from tracecore.storage import object_store
@@ -232,9 +233,10 @@ def test_saved_queries_are_private_or_shared_with_the_org(client: FlaskClient,
 # -- the task API -------------------------------------------------------------------
 
 
-def task_token(app: Flask, org_id: uuid.UUID, inputs: list[dict[str, Any]]) -> str:
+def task_token(app: Flask, org_id: uuid.UUID, inputs: list[dict[str, Any]], run_id: str | None = None) -> str:
     task_id = str(uuid.uuid4())
-    capability = tokens.Capability(task_id=task_id, run_id=str(uuid.uuid4()), attempt=1, fence=1, org_id=str(org_id),
+    capability = tokens.Capability(task_id=task_id, run_id=run_id or str(uuid.uuid4()), attempt=1, fence=1,
+                                   org_id=str(org_id),
                                    job="enrich", inputs=tuple(inputs), output_prefix=f"outputs/{org_id}/enrich/",
                                    scratch_prefix=f"scratch/{org_id}/{task_id}/1/", issued_at=int(time.time()),
                                    expires_at=int(time.time()) + 300)
@@ -261,7 +263,20 @@ def test_a_task_reads_exactly_its_pinned_inputs(app: Flask, client: FlaskClient,
 def test_a_task_export_lands_under_its_scratch_prefix_and_pii_is_audited(app: Flask, client: FlaskClient,
                                                                          tenant: Tenant) -> None:
     publish_parquet(app, tenant.org_id, "people", [1, 2, 3], pii=True)
-    token = task_token(app, tenant.org_id, [{"dataset": "people", "version": 1}])
+    # The run is triggered by the org's writer: without a PII grant for them, nothing is read.
+    writer = db.session.scalar(select(User.id).where(User.email == "writer@acme.example"))
+    run_id = uuid.uuid4()
+    db.session.execute(text("INSERT INTO runs (id, org_id, cause, triggered_by, parameters, config_overrides, "
+                            "state, open_tasks, failed_tasks) "
+                            "VALUES (:id, :org, 'manual', :user, '{}', '{}', 'queued', 1, 0)"),
+                       {"id": run_id, "org": tenant.org_id, "user": writer})
+    db.session.commit()
+    token = task_token(app, tenant.org_id, [{"dataset": "people", "version": 1}], run_id=str(run_id))
+    refused = task_query(client, token, "SELECT * FROM people")
+    assert refused.status_code == 403 and refused.json["error"]["code"] == "pii_not_granted"
+    granted = client.post("/v1/datasets/people/pii-grants", json={"email": "writer@acme.example"},
+                          headers=tenant.headers("admin"))
+    assert granted.status_code in (200, 201), granted.json
     answer = task_query(client, token, "SELECT * FROM people", format="parquet")
     assert answer.status_code == 200, answer.json
     capability = tokens.verify(token, tokens.secret_key(settings_of(app)))
