@@ -33,6 +33,7 @@ from requests.exceptions import ReadTimeout
 
 from . import RUNTIME_IMAGES, CappedLog, Invocation, Outcome
 from .outcome import outcome as _outcome
+from .outcome import pid_alive
 from .outcome import prepare_work_dir as _prepare_work_dir
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class DockerBackend:
             labels = container.labels
             worker_host, _, pid = labels.get(LABEL_WORKER, "").rpartition(":")
             age = time.time() - int(labels.get(LABEL_STARTED, "0") or 0)
-            dead = worker_host == host and pid.isdigit() and not _pid_alive(int(pid))
+            dead = worker_host == host and pid.isdigit() and not pid_alive(int(pid))
             if dead or age > self.orphan_age_s:
                 try:
                     container.remove(force=True)
@@ -225,21 +226,6 @@ class DockerBackend:
                     continue
                 removed += 1
         return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    """A zombie counts as dead: a SIGKILLed worker's children linger as zombies until reaped."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _quietly(action: Any) -> None:

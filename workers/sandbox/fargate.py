@@ -62,7 +62,7 @@ from tracecore.exceptions import PlatformError
 from tracecore.settings import Settings
 
 from . import LOG_CAP_BYTES, RUNTIME_IMAGES, CappedLog, Invocation, Outcome, SandboxLimits
-from .outcome import RESULT_MARKER, decide, parse_result
+from .outcome import RESULT_MARKER, decide, parse_result, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +530,7 @@ class FargateBackend:
             if not started_by.startswith(STARTED_BY_PREFIX):
                 continue
             worker_host, _, pid = started_by[len(STARTED_BY_PREFIX):].rpartition("--")
-            dead = worker_host == host and pid.isdigit() and not _pid_alive(int(pid))
+            dead = worker_host == host and pid.isdigit() and not pid_alive(int(pid))
             created = task.get("createdAt") or task.get("startedAt")
             too_old = isinstance(created, datetime) and (now - created).total_seconds() > self.orphan_age_s
             if dead or too_old:
@@ -584,16 +584,6 @@ def _host_token(host: str) -> str:
 
 def _error_code(exc: Any) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def task_definition_template(runtime: str = "python3.11", limits: SandboxLimits | None = None) -> str:

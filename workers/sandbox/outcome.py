@@ -110,3 +110,18 @@ def from_wrapper(invocation: Invocation, result: dict[str, Any], common: dict[st
                        error_message=f"the runtime exited (code {code}) without answering", **common)
     return Outcome("sandbox_error", error_type="BadResult", error_message=f"unknown wrapper status {status!r}",
                    **common)
+
+
+def pid_alive(pid: int) -> bool:
+    """A zombie counts as dead: a SIGKILLed worker's children linger as zombies until reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -63,7 +63,7 @@ from typing import Any
 from tracecore.exceptions import PlatformError
 
 from . import CappedLog, Invocation, Outcome
-from .outcome import outcome, prepare_work_dir, read_result_file
+from .outcome import outcome, pid_alive, prepare_work_dir, read_result_file
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class ProcessBackend:
                     continue
                 worker_pid = record.get("worker_pid")
                 worker_dead = (record.get("worker_host") == host and isinstance(worker_pid, int)
-                               and not _pid_alive(worker_pid))
+                               and not pid_alive(worker_pid))
                 too_old = time.time() - float(record.get("started") or 0) > self.orphan_age_s
                 if worker_dead or too_old:
                     _kill_group(pid)
@@ -385,16 +385,6 @@ def _start_ticks(pid: int) -> int | None:
         return int(stat.rpartition(")")[2].split()[19])
     except (IndexError, ValueError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _quietly_unlink(path: Path | None) -> None:
