@@ -1,5 +1,8 @@
-"""`trace beat`: Celery beat. For now its schedule holds the platform's own periodic
-tasks (the lease reaper); the triggers issue moves job schedules into the database."""
+"""`trace beat`: Celery beat with the database-backed scheduler (``scheduler.schedules``).
+
+Job schedules are rows; the platform's periodic tasks (the lease reaper) are beat entries.
+Several beats may run at once: each tick's run is made at most once (a unique key).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,16 @@ from tracecore.settings import Settings
 
 
 def run(settings: Settings) -> None:
-    from workers.app import create_worker_app
+    from tracecore import embedded
+    from tracecore.appctx import create_base_app
+    from tracecore.settings import configure
+    from workers.app import make_celery
 
-    celery = create_worker_app()
-    schedule_file = settings.home_path / "beat-schedule"
+    from .schedules import scheduler_for
+
+    settings = configure(embedded.attach(settings))
+    flask_app = create_base_app(settings, name="trace-beat")
+    celery = make_celery(flask_app)
     settings.home_path.mkdir(parents=True, exist_ok=True)
-    celery.Beat(loglevel="WARNING", schedule=str(schedule_file), quiet=True).run()
+    celery.Beat(loglevel="WARNING", quiet=True, scheduler_cls=scheduler_for(flask_app, settings.beat_poll_interval),
+                max_interval=settings.beat_poll_interval).run()

@@ -21,5 +21,14 @@ def always_fail(context: OperatorContext) -> None:
     raise ProbeFailure(f"attempt {context.lease.attempt_number} failed on purpose")
 
 
+def fail_first(context: OperatorContext) -> dict:
+    """Fails its first attempt, succeeds after (a transient failure, for retries in DAG runs)."""
+    if context.lease.attempt_number == 1:
+        raise ProbeFailure("attempt 1 failed on purpose")
+    return {"attempt": context.lease.attempt_number}
+
+
 register(OperatorInfo("sleep", "Sleeps config.seconds (tests).", implementation="tests.operators:sleep"))
 register(OperatorInfo("always_fail", "Raises every time (tests).", implementation="tests.operators:always_fail"))
+register(OperatorInfo("fail_first", "Fails attempt 1, then succeeds (tests).",
+                      implementation="tests.operators:fail_first"))

@@ -118,6 +118,9 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
     db.session.add(version)
     _sync_jobs(dag, spec)
     db.session.flush()
+    from .triggers import sync_schedules  # triggers imports this module
+
+    sync_schedules(dag.id)
     _declare_outputs(dag, spec)
     return dag, version
 

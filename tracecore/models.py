@@ -10,7 +10,8 @@ from .orgs import ApiToken, Membership, Org, User
 from .publish import DeadLetter
 from .runs import Attempt, Run, Task
 from .saved_queries import Download, SavedQuery
+from .triggers import Schedule, ScheduledTick, WebhookTrigger
 
 __all__ = ["ApiToken", "Attempt", "AuditLog", "Base", "Bundle", "Dag", "DagVersion", "Dataset", "DatasetGrant",
            "DatasetVersion", "DeadLetter", "Download", "Job", "LineageEdge", "Membership", "Org", "Partition",
-           "PiiGrant", "Run", "SavedQuery", "Task", "User"]
+           "PiiGrant", "Run", "SavedQuery", "Schedule", "ScheduledTick", "Task", "User", "WebhookTrigger"]

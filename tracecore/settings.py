@@ -104,6 +104,10 @@ class Settings:
                 "and answered with a download (tasks: cut here, truncated).")
     query_memory_limit: str = _setting("1GB", "DuckDB memory_limit of one query (e.g. 512MB, 2GB); past it: 422.")
     query_threads: int = _setting(2, "DuckDB threads of one query.")
+    run_rate_limit: int = _setting(
+        600, "Most API-triggered runs (manual and webhook) per org in one TRACE_RUN_RATE_WINDOW; past it: 429.")
+    run_rate_window: int = _setting(60, "Seconds of the per-org window of TRACE_RUN_RATE_LIMIT.")
+    beat_poll_interval: float = _setting(0.5, "Seconds between the beat's checks of the schedule rows.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -10,7 +10,7 @@ from tracecore.settings import Settings
 from workers.app import make_celery
 
 from . import auth, errors
-from .api import bundles, dags, datasets, health, orgs, query, runs
+from .api import bundles, dag_runs, dags, datasets, health, orgs, query, runs, triggers
 from .api import task as task_api_blueprint
 
 
@@ -28,7 +28,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             "security": [{"bearer": []}]},
     )
     api = Api(app)
-    for module in (health, orgs, dags, runs, bundles, datasets, query, task_api_blueprint):
+    for module in (health, orgs, dags, runs, dag_runs, bundles, datasets, query, triggers,
+                   task_api_blueprint):
         api.register_blueprint(module.blp)
     errors.register(app)  # after Api: replaces flask-smorest's own error shape
     app.before_request(auth.load_principal)

@@ -17,6 +17,8 @@ from flask import Flask
 from tracecore.appctx import create_base_app, settings_of
 
 EXECUTE_TASK = "trace.execute_task"
+# One task of a DAG run, as a signature of the run's canvas (scheduler/canvas.py); keeps its result (chords).
+EXECUTE_DAG_TASK = "trace.execute_dag_task"
 REAP_LEASES = "trace.reap_leases"
 PING = "trace.ping"
 REAP_SANDBOXES = "trace.reap_sandboxes"

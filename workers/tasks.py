@@ -7,10 +7,11 @@ import logging
 from celery import current_app, shared_task
 from flask import current_app as flask_app
 
+from tracecore import dag_runs
 from tracecore import lease as leases
 
 from . import dispatcher
-from .app import BUFFER_PUBLISH, EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
+from .app import BUFFER_PUBLISH, EXECUTE_DAG_TASK, EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,41 @@ def execute_task(task_id: str) -> str:
     return dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
 
 
+@shared_task(name=EXECUTE_DAG_TASK, bind=True, max_retries=None)
+def execute_dag_task(self, task_id: str) -> str:
+    """One task of a DAG run inside its canvas: raises unless the task succeeded (see scheduler/canvas.py)."""
+    from scheduler.canvas import run_dag_task
+
+    return run_dag_task(flask_app._get_current_object(), self, task_id)  # type: ignore[attr-defined]
+
+
 @shared_task(name=REAP_LEASES, ignore_result=True)
 def reap_leases() -> int:
     settings = flask_app.config["TRACE_SETTINGS"]
     task_ids = leases.reap(stale_after=settings.lease_ttl)
+    in_dags = _tasks_of_dag_runs(task_ids)
     for task_id in task_ids:
-        current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
+        if task_id in in_dags:  # a DAG run's task goes through the dependency gate, never around it;
+            # one still waiting for its upstreams is left to its canvas (no polling message per reap)
+            if dag_runs.gate(str(task_id)) == "ready":
+                current_app.send_task(EXECUTE_DAG_TASK, args=[str(task_id)])
+        else:
+            current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
     return len(task_ids)
+
+
+def _tasks_of_dag_runs(task_ids: list) -> set:
+    if not task_ids:
+        return set()
+    from sqlalchemy import select
+
+    from tracecore.db import db
+    from tracecore.runs import Run, Task
+
+    found = set(db.session.scalars(select(Task.id).join(Run, Run.id == Task.run_id)
+                                   .where(Task.id.in_(task_ids), Run.dag_id.is_not(None))))
+    db.session.rollback()
+    return found
 
 
 @shared_task(name=PING)

@@ -16,6 +16,7 @@ from tracecore.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
 from workers.app import enqueue
 
 from ..auth import current
+from .triggers import rate_limited_runs
 
 blp = Blueprint("runs", __name__, url_prefix="/v1", description="Runs, their tasks and attempts")
 
@@ -113,6 +114,7 @@ def _run_out(run: runs.Run, *, detail: bool, names: dict) -> dict:
 
 
 @blp.route("/jobs/<name>/runs", methods=["POST"])
+@rate_limited_runs
 @blp.arguments(RunCreate)
 @blp.response(202, RunCreated)
 def trigger_job(body: dict, name: str) -> ResponseReturnValue:

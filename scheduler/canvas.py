@@ -1,0 +1,127 @@
+"""DAG runs as a Celery canvas, and the canvas task that runs one task of a DAG run.
+
+The canvas is a chain of levels: level 0 (jobs with no upstream in the run) is a group;
+each next level follows the previous as the body of a chord, so a job with several
+upstreams runs only once the chord over them has completed. All signatures are
+immutable (``.si``): results are not passed along, the database holds them.
+
+Correctness under at-least-once delivery does not rest on the chord:
+
+* ``execute_dag_task`` first asks the database (:func:`tracecore.dag_runs.gate`) whether
+  every upstream task of the same run succeeded. A chord fired early (a header message
+  delivered twice counts twice in the Redis backend) finds an upstream still open and
+  retries itself later instead of running.
+* A task that fails an attempt and will be retried does not go back to the plain
+  ``execute_task`` queue: the canvas task retries *itself* (``self.retry`` with the lease's
+  backoff), so the chord keeps waiting for it; a Celery retry is not a chord completion.
+* A duplicate delivery that does not win the lease waits (retries itself) until the task
+  is terminal, then answers as the task ended.
+* A dead-lettered task cancels its downstream tasks in the database (counted as failed, so
+  the run finishes ``failed``), then raises so the chord does not fire; any remaining
+  open tasks of the run (independent branches behind the halted chain) are sent again as
+  standalone canvas tasks, which the gate orders.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from celery import Celery, chain, group
+from celery.canvas import Signature
+from flask import Flask
+
+from tracecore import dag_runs
+from tracecore.dag_spec import DagSpec
+from workers.app import EXECUTE_DAG_TASK
+
+log = logging.getLogger(__name__)
+
+WAIT_COUNTDOWN = 0.2
+
+
+class DagTaskFailed(RuntimeError):
+    """Raised by the canvas task when its task did not succeed: the chord must not fire."""
+
+
+def build(celery: Celery, spec: DagSpec, task_ids: dict[str, uuid.UUID]) -> Signature:
+    """The canvas of a DAG run over the jobs of ``task_ids``."""
+    steps: list[Signature] = []
+    for level in dag_runs.levels(spec, list(task_ids)):
+        signatures = [celery.signature(EXECUTE_DAG_TASK, args=[str(task_ids[name])], immutable=True)
+                      for name in level]
+        steps.append(signatures[0] if len(signatures) == 1 else group(signatures, app=celery))
+    return steps[0] if len(steps) == 1 else chain(*steps, app=celery)
+
+
+def start(celery: Celery, spec: DagSpec, task_ids: dict[str, uuid.UUID]) -> None:
+    """Send the canvas of a committed DAG run.
+
+    Nobody here waits on its results: stop tracking them now, so the Redis result consumer
+    does not keep (and later unsubscribe from) one channel per task.
+    """
+    _forget_pending(celery, build(celery, spec, task_ids).apply_async())
+    # The chord's header tasks were subscribed to as they were sent, behind results we never see.
+    consumer = getattr(celery.backend, "result_consumer", None)
+    prefix = getattr(celery.backend, "task_keyprefix", b"")
+    for key in list(getattr(consumer, "subscribed_to", ())):
+        consumer.cancel_for((key[len(prefix):] if key.startswith(prefix) else key).decode())  # type: ignore[union-attr]
+
+
+def _forget_pending(celery: Celery, result: Any) -> None:
+    stack, seen = [result], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if getattr(current, "id", None) is not None and hasattr(celery.backend, "remove_pending_result"):
+            celery.backend.remove_pending_result(current)
+        stack.append(getattr(current, "parent", None))
+        stack.extend(getattr(current, "results", None) or [])
+
+
+def run_dag_task(app: Flask, task: Any, task_id: str) -> str:
+    """The body of ``execute_dag_task``; ``task`` is the bound Celery task (for ``retry``)."""
+    from workers import dispatcher
+
+    verdict = dag_runs.gate(task_id)
+    if verdict == "wait":
+        raise task.retry(countdown=_backoff(task), max_retries=None)
+    if verdict == "blocked":  # an upstream failed before this task was canceled with it
+        _fail(task, task_id, include_self=True)
+    if verdict == "done":
+        return _settled(task, task_id)
+    delays: list[float] = []
+    outcome = dispatcher.execute(app, task_id, lambda _task_id, delay: delays.append(delay))
+    if outcome == "succeeded":
+        return outcome
+    if outcome == "retrying":
+        raise task.retry(countdown=delays[-1] if delays else WAIT_COUNTDOWN, max_retries=None)
+    if outcome == "dead_letter":
+        _fail(task, task_id, resend=True)
+    return _settled(task, task_id)  # not_leased / fenced: another delivery holds the task
+
+
+def _settled(task: Any, task_id: str) -> str:
+    state = dag_runs.task_state(task_id)
+    if state == "succeeded":
+        return "succeeded"
+    if state in dag_runs.FAILED_TASK_STATES:
+        _fail(task, task_id)
+    raise task.retry(countdown=_backoff(task), max_retries=None)
+
+
+def _backoff(task: Any) -> float:
+    """Waiting on another delivery or an upstream: poll the database, slower and slower (up to 2 s)."""
+    return min(2.0, WAIT_COUNTDOWN * 1.5 ** (task.request.retries or 0))
+
+
+def _fail(task: Any, task_id: str, *, resend: bool = False, include_self: bool = False) -> None:
+    canceled = dag_runs.cancel_downstream(task_id, include_self=include_self)
+    if resend:  # once, by the delivery that dead-lettered the task: the halted chain may hold
+        # independent branches; send them standalone and let the gate order them
+        for open_id in dag_runs.queued_tasks_of_run(task_id):
+            task.app.send_task(EXECUTE_DAG_TASK, args=[open_id])
+    raise DagTaskFailed(f"task {task_id} did not succeed; {canceled} downstream task(s) canceled")

@@ -1,0 +1,58 @@
+"""DAG runs and re-runs: POST /v1/dags/{name}/runs, POST /v1/runs/{id}/rerun."""
+
+from __future__ import annotations
+
+from flask import current_app
+from flask.typing import ResponseReturnValue
+from flask_smorest import Blueprint
+from marshmallow import Schema, fields, validate
+
+from scheduler import canvas
+from tracecore import dag_runs
+from tracecore.db import db
+from tracecore.orgs import Role
+
+from ..auth import current
+
+blp = Blueprint("dag_runs", __name__, url_prefix="/v1", description="Runs of whole DAGs, and re-runs")
+
+
+class DagRunCreate(Schema):
+    parameters = fields.Dict(load_default=dict)
+
+
+class RerunCreate(Schema):
+    scope = fields.String(required=True, validate=validate.OneOf(dag_runs.RERUN_SCOPES),
+                          metadata={"description": "self: the job alone, without its upstream; downstream: the job "
+                                                   "and everything downstream of it; failed: the tasks that ended "
+                                                   "dead_letter or canceled, and their downstream"})
+    job = fields.String(load_default=None, metadata={"description": "The job (self, downstream); required when "
+                                                                    "the run has several jobs"})
+
+
+class DagRunCreated(Schema):
+    run_id = fields.UUID()
+
+
+@blp.route("/dags/<name>/runs", methods=["POST"])
+@blp.arguments(DagRunCreate)
+@blp.response(202, DagRunCreated)
+def run_dag(body: dict, name: str) -> ResponseReturnValue:
+    principal = current(Role.writer)
+    run_id, task_ids, spec = dag_runs.start_dag(principal.org_id, name, triggered_by=principal.user_id,
+                                                parameters=body["parameters"])
+    db.session.commit()
+    canvas.start(current_app.extensions["celery"], spec, task_ids)
+    return {"run_id": run_id}
+
+
+@blp.route("/runs/<run_id>/rerun", methods=["POST"])
+@blp.arguments(RerunCreate)
+@blp.response(202, DagRunCreated)
+def rerun(body: dict, run_id: str) -> ResponseReturnValue:
+    principal = current(Role.writer)
+    new_id, task_ids, spec = dag_runs.rerun(org_id=principal.org_id, run_id=run_id, scope=body["scope"],
+                                            job=body["job"], triggered_by=principal.user_id)
+    db.session.commit()
+    canvas.start(current_app.extensions["celery"], spec, task_ids)
+    return {"run_id": new_id}

@@ -1,0 +1,136 @@
+"""Triggers: pause and resume a job's schedule, create webhook triggers, receive signed webhooks.
+
+``POST /v1/hooks/{trigger_id}`` carries no bearer token: it is authenticated by its
+HMAC-SHA256 signature (``web.auth`` skips ``/v1/hooks/``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from flask import current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+from flask_smorest import Blueprint
+from marshmallow import Schema, fields
+
+from tracecore import runs, triggers
+from tracecore.dags import Job
+from tracecore.db import db
+from tracecore.exceptions import NotFound
+from tracecore.orgs import Role
+from workers.app import enqueue
+
+from ..auth import current
+
+blp = Blueprint("triggers", __name__, url_prefix="/v1", description="Schedules and webhook triggers")
+
+
+class ScheduleOut(Schema):
+    job = fields.String()
+    paused = fields.Boolean()
+    cron = fields.String(allow_none=True)
+    every_s = fields.Float(allow_none=True)
+    timezone = fields.String()
+    catch_up = fields.Integer()
+
+
+class WebhookCreated(Schema):
+    id = fields.UUID()
+    job = fields.String()
+    secret = fields.String(metadata={"description": "Shown once: sign requests with it"})
+    url = fields.String()
+
+
+class HookAccepted(Schema):
+    run_id = fields.UUID()
+
+
+def _redis() -> redis.Redis:
+    client = current_app.extensions.get("trace_redis")
+    if client is None:
+        client = redis.Redis.from_url(current_app.config["TRACE_SETTINGS"].broker_url)
+        current_app.extensions["trace_redis"] = client
+    return client
+
+
+def rate_limit_response(exc: triggers.RateLimited) -> ResponseReturnValue:
+    response = jsonify({"error": exc.to_dict()})
+    response.status_code = 429
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def rate_limited_runs(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Per-org rate limit on API-triggered runs: 429 with Retry-After past the limit."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        principal = current(Role.writer)
+        try:
+            triggers.check_run_rate(current_app.config["TRACE_SETTINGS"], principal.org_id, _redis())
+        except triggers.RateLimited as exc:
+            return rate_limit_response(exc)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def _schedule_out(name: str, row: triggers.Schedule) -> dict:
+    return {"job": name, "paused": row.paused, "cron": row.cron, "every_s": row.every_s,
+            "timezone": row.timezone, "catch_up": row.catch_up}
+
+
+@blp.route("/jobs/<name>/schedule/pause", methods=["POST"])
+@blp.response(200, ScheduleOut)
+def pause_schedule(name: str) -> ResponseReturnValue:
+    principal = current(Role.writer)
+    row = triggers.set_paused(principal.org_id, name, True)
+    db.session.commit()
+    return _schedule_out(name, row)
+
+
+@blp.route("/jobs/<name>/schedule/resume", methods=["POST"])
+@blp.response(200, ScheduleOut)
+def resume_schedule(name: str) -> ResponseReturnValue:
+    principal = current(Role.writer)
+    row = triggers.set_paused(principal.org_id, name, False)
+    db.session.commit()
+    return _schedule_out(name, row)
+
+
+@blp.route("/jobs/<name>/webhooks", methods=["POST"])
+@blp.response(201, WebhookCreated)
+def create_webhook(name: str) -> ResponseReturnValue:
+    principal = current(Role.writer)
+    trigger, secret = triggers.create_webhook(current_app.config["TRACE_SETTINGS"], principal.org_id, name,
+                                              principal.user_id)
+    db.session.commit()
+    return {"id": trigger.id, "job": name, "secret": secret, "url": f"/v1/hooks/{trigger.id}"}
+
+
+@blp.route("/hooks/<trigger_id>", methods=["POST"])
+@blp.response(202, HookAccepted)
+@blp.doc(security=[], description="Signed with X-Trace-Timestamp and X-Trace-Signature "
+                                  "(sha256=<hex HMAC-SHA256(secret, timestamp + '.' + body)>); no bearer token.")
+def receive_hook(trigger_id: str) -> ResponseReturnValue:
+    settings = current_app.config["TRACE_SETTINGS"]
+    trigger = triggers.get_webhook(trigger_id)
+    body = request.get_data(cache=True)
+    triggers.verify_webhook(settings, trigger, request.headers.get("X-Trace-Timestamp"),
+                            request.headers.get("X-Trace-Signature"), body, _redis())
+    parameters = triggers.parse_body(body)
+    try:
+        triggers.check_run_rate(settings, trigger.org_id, _redis())
+    except triggers.RateLimited as exc:
+        return rate_limit_response(exc)
+    job = db.session.get(Job, trigger.job_id)
+    if job is None or job.deleted_at is not None:
+        raise NotFound("the trigger's job no longer exists")
+    run_id, task_id = runs.create_run(org_id=trigger.org_id, job_name=job.name, cause="webhook",
+                                      triggered_by=None, parameters=parameters)
+    db.session.commit()
+    enqueue(current_app, task_id)
+    return {"run_id": run_id}
