@@ -19,6 +19,7 @@ from typing import Any
 from celery.beat import Scheduler
 from flask import Flask
 
+from scheduler import composite
 from tracecore import triggers
 from tracecore.db import db
 from workers.app import enqueue
@@ -41,6 +42,11 @@ class DatabaseScheduler(Scheduler):
         with self.flask_app.app_context():
             try:
                 task_ids = triggers.fire_due()
+                try:
+                    task_ids += composite.fire_timeouts()
+                except Exception:
+                    db.session.rollback()
+                    log.exception("composite timeouts failed; retrying at the next tick")
             except Exception:
                 db.session.rollback()
                 log.exception("firing job schedules failed; retrying at the next tick")

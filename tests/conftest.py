@@ -32,7 +32,7 @@ from tracecore.migrate import upgrade
 from tracecore.settings import Settings, configure
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = ("scheduled_ticks", "schedules", "webhook_triggers",
+TABLES = ("trigger_firings", "scheduled_ticks", "schedules", "webhook_triggers",
           "dead_letters", "downloads", "saved_queries", "lineage_edges", "pii_grants", "dataset_grants",
           "partitions", "dataset_versions", "datasets",
           "audit_log", "bundles", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens",

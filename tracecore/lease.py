@@ -47,6 +47,14 @@ WITH leased AS (
          lease_expires_at = now() + make_interval(secs => :ttl), state = 'running',
          attempts_count = attempts_count + 1, next_attempt_at = NULL, updated_at = now()
   WHERE id = :task_id AND (state IN ('queued', 'retrying') OR (state = 'running' AND lease_expires_at < now()))
+    -- Fairness: the org's and the job's running tasks (live leases) must be below their caps.
+    -- Counted under the org's advisory lock, taken by take() before this statement.
+    AND (SELECT count(*) FROM tasks AS busy WHERE busy.org_id = tasks.org_id AND busy.state = 'running'
+           AND busy.lease_expires_at > now()) < :org_cap
+    AND (SELECT count(*) FROM tasks AS busy WHERE busy.job_id = tasks.job_id AND busy.state = 'running'
+           AND busy.lease_expires_at > now())
+        < COALESCE((SELECT CAST(spec->>'max_concurrency' AS integer) FROM jobs WHERE jobs.id = tasks.job_id),
+                   2147483647)
   RETURNING id, org_id, run_id, job_id, fence, attempts_count, max_retries, "window"
 ), lost AS (
   UPDATE attempts SET state = 'lost', exit_reason = 'worker_lost', finished_at = clock_timestamp(),
@@ -67,6 +75,21 @@ SELECT leased.*, jobs.name AS job_name, jobs.operator, jobs.spec, runs.config_ov
        EXISTS (SELECT 1 FROM recorded) AS recorded
 FROM leased JOIN jobs ON jobs.id = leased.job_id JOIN runs ON runs.id = leased.run_id
 """)
+
+# Serializes the leases of one org (released at commit), so the caps' counts in _TAKE
+# see every lease committed before: two workers cannot both take the last free slot.
+_LOCK_ORG = text("""
+SELECT pg_advisory_xact_lock(hashtext('trace-org-cap'), hashtext(CAST(org_id AS text))) FROM tasks WHERE id = :task_id
+""")
+
+# Why a refused take was refused: still takeable means it was over a cap.
+_TAKEABLE = text("""
+SELECT 1 FROM tasks WHERE id = :task_id
+  AND (state IN ('queued', 'retrying') OR (state = 'running' AND lease_expires_at < now()))
+""")
+
+# What take() answers when the task waits for capacity (distinct from None: another worker holds it).
+OVER_CAPACITY = "over_capacity"
 
 _RECORD_ATTEMPT = text("""
 INSERT INTO attempts (id, org_id, task_id, number, fence, worker, state)
@@ -155,14 +178,18 @@ def _autocommit() -> Connection:
     return db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
-def take(task_id: uuid.UUID | str, worker: str, ttl: float) -> Lease | None:
-    """Take the lease and record the attempt; None when another worker holds the task."""
+def take(task_id: uuid.UUID | str, worker: str, ttl: float,
+         org_cap: int = 2147483647) -> Lease | str | None:
+    """Take the lease and record the attempt; None when another worker holds the task (or it is
+    done), :data:`OVER_CAPACITY` when the org's or the job's running tasks are at their cap."""
     attempt_id = uuid.uuid4()
-    with _autocommit() as connection:
+    with db.engine.connect() as connection, connection.begin():
+        connection.execute(_LOCK_ORG, {"task_id": str(task_id)})
         row = connection.execute(_TAKE, {"task_id": str(task_id), "worker": worker, "ttl": ttl,
-                                         "attempt_id": attempt_id}).mappings().first()
+                                         "attempt_id": attempt_id, "org_cap": org_cap}).mappings().first()
         if row is None:
-            return None
+            takeable = connection.execute(_TAKEABLE, {"task_id": str(task_id)}).first() is not None
+            return OVER_CAPACITY if takeable else None
         if not row["recorded"]:  # a stale attempt was closed as lost by the statement above
             connection.execute(_RECORD_ATTEMPT, {"id": attempt_id, "org_id": row["org_id"], "task_id": row["id"],
                                                  "number": row["attempts_count"], "fence": row["fence"],

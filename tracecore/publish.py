@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -153,14 +154,32 @@ def buffer_publish(capability: Capability, manifest: Mapping[str, Any], *, store
             if dataset.schema is None:
                 _adopt_schema(dataset, table)
             dataset = _locked(dataset)
+            before = dataset.latest_version
             result = _write(capability, target, dataset, table, checked, data_bytes, store, started)
         except _Reject as rejected:
             raise _dead_letter(capability, target, dataset, checked, rejected) from None
+        dataset_id = dataset.id
+        made = result.version if result.version is not None and result.version > before else None
         db.session.commit()
-        return result
     except BaseException:
         db.session.rollback()
         raise
+    if made is not None:
+        _notify_updated(dataset_id, made)
+    return result
+
+
+def _notify_updated(dataset_id: uuid.UUID, version: int) -> None:
+    """After the commit: the reactive hook (scheduler/reactive.py), best effort (a lost message
+    loses that update's reactive run, never the publish)."""
+    try:
+        from flask import current_app
+
+        from workers.app import dataset_updated
+
+        dataset_updated(current_app._get_current_object(), dataset_id, version)  # type: ignore[attr-defined]
+    except Exception:
+        logging.getLogger(__name__).warning("could not send dataset_updated", exc_info=True)
 
 
 def publish_rows(capability: Capability, dataset: str | None, rows: Any, *, store: ObjectStore) -> PublishResult:

@@ -107,6 +107,9 @@ class Settings:
     run_rate_limit: int = _setting(
         600, "Most API-triggered runs (manual and webhook) per org in one TRACE_RUN_RATE_WINDOW; past it: 429.")
     run_rate_window: int = _setting(60, "Seconds of the per-org window of TRACE_RUN_RATE_LIMIT.")
+    org_max_running: int = _setting(
+        50, "Most tasks of one org running at once (live leases), enforced when a lease is taken; "
+            "a task over the cap waits in the queue.")
     beat_poll_interval: float = _setting(0.5, "Seconds between the beat's checks of the schedule rows.")
 
     @classmethod

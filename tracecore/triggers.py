@@ -81,6 +81,20 @@ class ScheduledTick(Base):
     created_at: Mapped[datetime] = created_at()
 
 
+class TriggerFiring(Base):
+    """The fire-once guard of data and composite triggers: one row per (job, window key), inserted
+    in the same transaction as the run it fires, so a duplicate delivery fires nothing."""
+
+    __tablename__ = "trigger_firings"
+    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_trigger_firings_job_key"),)
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False)
+    key: Mapped[str] = mapped_column(String(512), nullable=False)
+    run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("runs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = created_at()
+
+
 class WebhookTrigger(Base):
     __tablename__ = "webhook_triggers"
     id: Mapped[uuid.UUID] = uuid_pk()

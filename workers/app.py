@@ -23,6 +23,8 @@ REAP_LEASES = "trace.reap_leases"
 PING = "trace.ping"
 REAP_SANDBOXES = "trace.reap_sandboxes"
 BUFFER_PUBLISH = "trace.buffer_publish"
+# A dataset got a new version (sent after its commit): enqueue the reactive jobs downstream.
+DATASET_UPDATED = "trace.dataset_updated"
 
 
 def make_celery(flask_app: Flask) -> Celery:
@@ -62,6 +64,13 @@ def enqueue(flask_app: Flask, task_id: uuid.UUID | str, countdown: float | None 
     """Send ``execute_task`` for a committed task row."""
     celery: Celery = flask_app.extensions["celery"]
     celery.send_task(EXECUTE_TASK, args=[str(task_id)], countdown=countdown, ignore_result=True)
+
+
+def dataset_updated(flask_app: Flask, dataset_id: uuid.UUID | str, version: int) -> None:
+    """Send ``dataset_updated`` for a committed dataset version (no-op without a Celery app)."""
+    celery: Celery | None = flask_app.extensions.get("celery")
+    if celery is not None:
+        celery.send_task(DATASET_UPDATED, args=[str(dataset_id), int(version)], ignore_result=True)
 
 
 def create_worker_app() -> Celery:

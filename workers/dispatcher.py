@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import traceback
@@ -25,6 +26,10 @@ from tracecore.operators import CATALOG
 from .operators import AttemptFailed, OperatorContext, OperatorResult
 
 log = logging.getLogger(__name__)
+
+# Seconds before a task refused for capacity (org cap or job max_concurrency) is delivered again
+# (jittered up to twice this, so waiting tasks do not come back in lockstep).
+CAPACITY_COUNTDOWN = 0.1
 
 def worker_name() -> str:
     """host:pid of the process that runs the task (a prefork child, not the parent),
@@ -84,9 +89,13 @@ def _heartbeat(app: Flask) -> Heartbeat:
 def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> str:
     """Run one delivery of ``execute_task``; answers what happened, for logs and tests."""
     settings = settings_of(app)
-    held = leases.take(task_id, worker_name(), settings.lease_ttl)
+    held = leases.take(task_id, worker_name(), settings.lease_ttl, org_cap=settings.org_max_running)
     if held is None:
         return "not_leased"
+    if held == leases.OVER_CAPACITY:  # the task waits, never lost: deliver it again shortly
+        enqueue(task_id, CAPACITY_COUNTDOWN * random.uniform(1, 2))
+        return "over_capacity"
+    assert isinstance(held, leases.Lease)
     heartbeat = _heartbeat(app)
     heartbeat.add(held)
     try:

@@ -11,7 +11,7 @@ from tracecore import dag_runs
 from tracecore import lease as leases
 
 from . import dispatcher
-from .app import BUFFER_PUBLISH, EXECUTE_DAG_TASK, EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
+from .app import BUFFER_PUBLISH, DATASET_UPDATED, EXECUTE_DAG_TASK, EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,22 @@ def _enqueue(task_id: str, countdown: float) -> None:
 
 @shared_task(name=EXECUTE_TASK, ignore_result=True)
 def execute_task(task_id: str) -> str:
-    return dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
+    outcome = dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
+    if outcome == "succeeded":
+        _fire_composites(task_id)
+    return outcome
+
+
+def _fire_composites(task_id: str) -> None:
+    """Composite triggers (scheduler/composite.py) completed by this task's run; best effort:
+    an ``any_of`` with a timeout still fires at its timeout."""
+    from scheduler.composite import on_task_succeeded
+
+    try:
+        for fired in on_task_succeeded(task_id):
+            _enqueue(str(fired), 0)
+    except Exception:
+        log.warning("composite triggers after task %s failed", task_id, exc_info=True)
 
 
 @shared_task(name=EXECUTE_DAG_TASK, bind=True, max_retries=None)
@@ -88,3 +103,15 @@ def buffer_publish(claims_token: str, manifest: dict) -> dict:
     from tracecore.publish import publish_with_token
 
     return publish_with_token(claims_token, manifest, flask_app.config["TRACE_SETTINGS"])
+
+
+@shared_task(name=DATASET_UPDATED, ignore_result=True)
+def dataset_updated(dataset_id: str, version: int) -> int:
+    """Reactive PerUpdate: one run per downstream reactive job (fire-once per update, so a
+    duplicate delivery makes nothing); answers how many runs it made."""
+    from scheduler.reactive import on_dataset_updated
+
+    task_ids = on_dataset_updated(dataset_id, version)
+    for task_id in task_ids:
+        current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
+    return len(task_ids)
