@@ -14,12 +14,8 @@ measured here): Hatchet about 31 ms, Temporal about 74 ms, Airflow about 2.9 s p
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +25,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.dispatch import percentile, wait_healthy  # noqa: E402
-from tracecore.embedded import EmbeddedServices, free_port  # noqa: E402
-from tracecore.migrate import upgrade  # noqa: E402
-from tracecore.settings import Settings  # noqa: E402
+from benchmarks.harness import percentile, running_platform  # noqa: E402
 
 ANCHORS = (("Hatchet", 31.0), ("Temporal", 74.0), ("Airflow", 2900.0))
 GOAL_P95_MS = 20.0
@@ -76,27 +69,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="trace-bench-", dir="/tmp"))
-    services = EmbeddedServices(home)
-    settings = services.start(Settings(home=str(home), port=free_port()))
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        upgrade(settings.database_url or "")
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
-               "TRACE_HOME": str(home), "TRACE_DATABASE_URL": settings.database_url or "",
-               "TRACE_BROKER_URL": settings.broker_url or "", "TRACE_PORT": str(settings.port),
-               "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-        from web.cli import bootstrap_admin
-
-        token = bootstrap_admin(settings)
-        with open(home / "children.log", "wb") as log:  # each child keeps its own descriptor
-            for role in (["api"], ["worker", "--concurrency", "1"]):
-                children.append(subprocess.Popen([sys.executable, "-m", "web.cli", *role], env=env, cwd=ROOT,
-                                                 stdout=log, stderr=subprocess.STDOUT))
-        url = settings.resolved_api_url
-        wait_healthy(url)
-        http = requests.Session()
-        http.headers["Authorization"] = f"Bearer {token}"
+    with running_platform() as platform:
+        settings, home, url, http = platform.settings, platform.home, platform.url, platform.http
         http.put(f"{url}/v1/dags/chain", data=chain_dag(args.steps),
                  headers={"Content-Type": "application/yaml"}).raise_for_status()
 
@@ -125,16 +99,7 @@ def main() -> None:
             print(f"{name + ' per step (anchor, not measured here)':48} {ms:9.1f}")
         p95 = percentile(gaps, .95)
         print(f"goal p95 <= {GOAL_P95_MS:.0f} ms: {'met' if p95 <= GOAL_P95_MS else 'NOT met'} (p95 {p95:.2f} ms)")
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        services.stop()
-        shutil.rmtree(home, ignore_errors=True)
+
 
 
 if __name__ == "__main__":

@@ -13,42 +13,18 @@ the attempt) arrives; the Celery figure starts before ``send_task`` and ends whe
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psycopg
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracecore.embedded import EmbeddedServices, free_port  # noqa: E402
+from benchmarks.harness import percentile, running_platform  # noqa: E402
 from tracecore.lease import RUN_FINISHED_CHANNEL  # noqa: E402
-from tracecore.migrate import upgrade  # noqa: E402
-from tracecore.settings import Settings  # noqa: E402
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def wait_healthy(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"API at {url} did not come up")
 
 
 def main() -> None:
@@ -57,27 +33,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="trace-bench-", dir="/tmp"))
-    services = EmbeddedServices(home)
-    settings = services.start(Settings(home=str(home), port=free_port()))
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        upgrade(settings.database_url or "")
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
-               "TRACE_HOME": str(home), "TRACE_DATABASE_URL": settings.database_url or "",
-               "TRACE_BROKER_URL": settings.broker_url or "", "TRACE_PORT": str(settings.port),
-               "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-        from web.cli import bootstrap_admin
-
-        token = bootstrap_admin(settings)
-        with open(home / "children.log", "wb") as log:  # each child keeps its own descriptor
-            for role in (["api"], ["worker", "--concurrency", "1"]):
-                children.append(subprocess.Popen([sys.executable, "-m", "web.cli", *role], env=env, cwd=ROOT,
-                                                 stdout=log, stderr=subprocess.STDOUT))
-        url = settings.resolved_api_url
-        wait_healthy(url)
-        http = requests.Session()
-        http.headers["Authorization"] = f"Bearer {token}"
+    with running_platform() as platform:
+        settings, url, http = platform.settings, platform.url, platform.http
         put = http.put(f"{url}/v1/dags/bench", data="- name: bench_noop\n  runtime: platform\n  operator: noop\n",
                        headers={"Content-Type": "application/yaml"})
         put.raise_for_status()
@@ -135,16 +92,7 @@ def main() -> None:
               f"(goal: p95 <= 5 ms and <= 1.5x)")
         print(f"goal p95 <= 5 ms: {'met' if percentile(trace, .95) <= 5 else 'NOT met'}; "
               f"goal <= 1.5x: {'met' if p95_ratio <= 1.5 else 'NOT met'}")
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        services.stop()
-        shutil.rmtree(home, ignore_errors=True)
+
 
 
 if __name__ == "__main__":

@@ -83,22 +83,23 @@ def _schedule_out(name: str, row: triggers.Schedule) -> dict:
             "timezone": row.timezone, "catch_up": row.catch_up}
 
 
+def _set_paused(name: str, paused: bool) -> dict:
+    principal = current(Role.writer)
+    row = triggers.set_paused(principal.org_id, name, paused)
+    db.session.commit()
+    return _schedule_out(name, row)
+
+
 @blp.route("/jobs/<name>/schedule/pause", methods=["POST"])
 @blp.response(200, ScheduleOut)
 def pause_schedule(name: str) -> ResponseReturnValue:
-    principal = current(Role.writer)
-    row = triggers.set_paused(principal.org_id, name, True)
-    db.session.commit()
-    return _schedule_out(name, row)
+    return _set_paused(name, True)
 
 
 @blp.route("/jobs/<name>/schedule/resume", methods=["POST"])
 @blp.response(200, ScheduleOut)
 def resume_schedule(name: str) -> ResponseReturnValue:
-    principal = current(Role.writer)
-    row = triggers.set_paused(principal.org_id, name, False)
-    db.session.commit()
-    return _schedule_out(name, row)
+    return _set_paused(name, False)
 
 
 @blp.route("/jobs/<name>/webhooks", methods=["POST"])
