@@ -21,5 +21,6 @@ def run(settings: Settings) -> None:
     flask_app = create_base_app(settings, name="trace-beat")
     celery = make_celery(flask_app)
     settings.home_path.mkdir(parents=True, exist_ok=True)
-    celery.Beat(loglevel="WARNING", quiet=True, scheduler_cls=scheduler_for(flask_app, settings.beat_poll_interval),
+    celery.Beat(loglevel="WARNING", quiet=True, scheduler_cls=scheduler_for(flask_app, settings.beat_poll_interval,
+                                                                        settings.trigger_sweep_interval),
                 max_interval=settings.beat_poll_interval).run()

@@ -1,137 +1,214 @@
-"""Composite triggers: ``trigger: {any_of: [...]}``, ``{all_of: [...]}``, ``{any_of: [...], timeout}``.
+"""Composite triggers: trees of ``{job}``, ``{all_of: [...]}``, ``{any_of: [...], timeout_s}`` and
+``{when: sql}`` nodes, nested at will, fired once per window.
 
-Windows ("rounds"): round ``r`` of a composite job is the time between its firing ``r - 1`` (or
-its creation) and its firing ``r``; firing ``r`` is the ``trigger_firings`` row keyed
-``(job_id, "composite:<r>")`` (UNIQUE), inserted with the run in one transaction, so a duplicate
-Celery delivery, or the timeout racing a completion, fires a round exactly once.
+Windows ("rounds"): round ``r`` of a composite job runs from its firing ``r - 1`` (round 0: from
+the job's creation) until its firing ``r``, the ledger row keyed ``composite:<r>``
+(``scheduler/ledger.py``), inserted with the run under the job's lock: a duplicate delivery, the
+beat's sweep racing a worker's hook, or a timeout racing a completion fires a round once.
 
-* ``any_of``: an upstream run that succeeds fires the round it was created in (a run created
-  before the last firing belongs to a round that already fired: nothing).
-* ``all_of``: fires the current round once every listed job has a run created since the last
-  firing that succeeded.
-* ``any_of`` + ``timeout_s``: also fires the current round when its window is older than the
-  timeout; round 0 opens at the job's creation, a later round at the first upstream run created
-  after the last firing (no upstream activity, no new window: the timeout does not repeat).
+What each node means within the current round (since its start ``S``):
 
-Only flat trees (job leaves) are handled; nested trees and ``when`` are not yet.
+* ``{job: A}``: a task of A, in a run created after ``S``, succeeded. Tasks of a DAG run that
+  also runs the composite job do not count: that DAG run runs it already.
+* ``all_of``: every child holds. ``any_of``: some child holds, or its ``timeout`` passed since the
+  round opened: round 0 opens at the job's creation, a later round at the first upstream activity
+  after ``S`` (a run of a job below the node, or a new version of an input), so without activity
+  the timeout does not repeat.
+* ``{when: sql}``: some input dataset of the job has a new version since ``S`` and the condition
+  (``scheduler/conditions.py``) holds now. Conditions are evaluated last, and only when the
+  rest of the tree leaves them deciding.
+
+The evaluation is a function of the database, so every path runs the same code: a worker after
+a task succeeds (inside DAG runs too), the ``dataset_updated`` hook for trees with conditions, and
+the beat's sweep, which is what makes a lost hook a delay instead of a lost firing.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
-from scheduler.reactive import fire_once
+from tracecore.dag_triggers import _trigger_jobs
 from tracecore.dags import Job
 from tracecore.db import db
 from tracecore.exceptions import NotFound
-from tracecore.runs import Run, Task
+from tracecore.runs import Task
 from tracecore.triggers import TriggerFiring
+
+from . import conditions
+from .ledger import fire_once, lock_job
+
+log = logging.getLogger(__name__)
 
 PREFIX = "composite:"
 
+_LEAVES = text("""
+SELECT j.name, min(t.created_at) AS first_at, bool_or(t.state = 'succeeded') AS succeeded
+FROM tasks AS t JOIN jobs AS j ON j.id = t.job_id
+WHERE j.org_id = :org_id AND j.name = ANY(:names) AND j.deleted_at IS NULL AND t.created_at > :since
+  AND NOT EXISTS (SELECT 1 FROM tasks AS own WHERE own.run_id = t.run_id AND own.job_id = :job_id)
+GROUP BY j.name
+""")
 
-def _leaves(trigger: Any) -> tuple[str, list[str], float | None] | None:
-    """(kind, upstream job names, timeout) of a flat composite trigger, else None."""
-    if not isinstance(trigger, dict):
+_FIRST_VERSION = text("SELECT min(created_at) FROM dataset_versions "
+                      "WHERE dataset_id = ANY(:ids) AND created_at > :since")
+
+
+@dataclass
+class _Round:
+    """What one evaluation knows: the round, its start, upstream activity, and the clock."""
+
+    job: Job
+    number: int
+    since: datetime
+    now: datetime
+    leaves: dict[str, tuple[datetime, bool]]
+    first_version: datetime | None
+
+    def opened(self, node: dict[str, Any]) -> datetime | None:
+        """The first upstream activity below ``node`` in this round (no SQL conditions run)."""
+        if "job" in node:
+            found = self.leaves.get(node["job"])
+            return found[0] if found else None
+        if "when" in node:
+            return self.first_version
+        times = [self.opened(child) for child in node.get("all_of") or node.get("any_of") or ()]
+        return min((at for at in times if at is not None), default=None)
+
+    def holds(self, node: dict[str, Any]) -> tuple[bool, str]:
+        """(fires?, why), cheapest children first, conditions last."""
+        if "job" in node:
+            found = self.leaves.get(node["job"])
+            return bool(found and found[1]), f"{node['job']} succeeded"
+        if "when" in node:
+            if self.first_version is None:
+                return False, "no new input version"
+            return conditions.holds(self.job, node["when"]), "condition true"
+        children = sorted(node.get("all_of") or node.get("any_of") or (), key=lambda child: _has_condition(child))
+        if "all_of" in node:
+            for child in children:
+                ok, _ = self.holds(child)
+                if not ok:
+                    return False, ""
+            return True, "all succeeded"
+        for child in children:
+            ok, why = self.holds(child)
+            if ok:
+                return True, why
+        timeout = node.get("timeout_s")
+        if timeout:
+            start = self.job.created_at if self.number == 0 else self.opened(node)
+            if start is not None and self.now >= start + timedelta(seconds=float(timeout)):
+                return True, "timeout"
+        return False, ""
+
+
+def _has_condition(node: dict[str, Any]) -> bool:
+    return "when" in node or any(_has_condition(child) for child in node.get("all_of") or node.get("any_of") or ())
+
+
+def condition_tree_holds(job: Job, node: dict[str, Any]) -> bool:
+    """A reactive job's gate: its tree of ``when`` nodes, evaluated now (no rounds, no timeouts)."""
+    if "when" in node:
+        return conditions.holds(job, node["when"])
+    children = node.get("all_of") or node.get("any_of") or ()
+    test = all if "all_of" in node else any
+    return test(condition_tree_holds(job, child) for child in children)
+
+
+def is_composite(job: Job) -> bool:
+    spec = job.spec or {}
+    return bool(spec.get("trigger")) and spec.get("activation") != "reactive"
+
+
+def evaluate(job: Job, now: datetime | None = None) -> uuid.UUID | None:
+    """Fire the job's current round if its tree holds, in the caller's transaction; answers the
+    task id made. A condition that fails to evaluate counts as false (and is logged)."""
+    if not is_composite(job):
         return None
-    for kind in ("any_of", "all_of"):
-        children = trigger.get(kind)
-        if isinstance(children, list) and children and all(isinstance(c, dict) and "job" in c for c in children):
-            return kind, [c["job"] for c in children], trigger.get("timeout_s")
-    return None
-
-
-def _composites(org_id: uuid.UUID, upstream: str | None = None) -> list[tuple[Job, str, list[str], float | None]]:
-    query = select(Job).where(Job.org_id == org_id, Job.deleted_at.is_(None), Job.spec["trigger"].astext.isnot(None))
-    found = []
-    for job in db.session.scalars(query):
-        leaves = _leaves(job.spec.get("trigger"))
-        if leaves is not None and (upstream is None or upstream in leaves[1]):
-            found.append((job, *leaves))
-    return found
-
-
-def _firings(job: Job) -> list[datetime]:
-    return list(db.session.scalars(select(TriggerFiring.created_at).where(
+    lock_job(job.id)
+    now = now or db.session.scalar(select(func.now()))
+    firings = list(db.session.scalars(select(TriggerFiring.created_at).where(
         TriggerFiring.job_id == job.id, TriggerFiring.key.startswith(PREFIX)).order_by(TriggerFiring.created_at)))
-
-
-def _upstream_runs(org_id: uuid.UUID, names: list[str], since: datetime | None, state: str | None = None):
-    query = (select(Job.name, func.min(Run.created_at)).join(Run, Run.job_id == Job.id)
-             .where(Run.org_id == org_id, Job.name.in_(names), Job.deleted_at.is_(None)).group_by(Job.name))
-    if since is not None:
-        query = query.where(Run.created_at > since)
-    if state is not None:
-        query = query.where(Run.state == state)
-    return dict(db.session.execute(query).all())
-
-
-def _fire(org_id: uuid.UUID, job: Job, round_: int, reason: str) -> uuid.UUID | None:
+    since = firings[-1] if firings else job.created_at
+    tree = job.spec["trigger"]
+    names = list(dict.fromkeys(_trigger_jobs(tree)))
+    leaves = {row.name: (row.first_at, row.succeeded) for row in db.session.execute(
+        _LEAVES, {"org_id": job.org_id, "names": names, "since": since, "job_id": job.id})} if names else {}
+    first_version = None
+    if _has_condition(tree):
+        inputs = [dataset.id for dataset in conditions.input_datasets(job)]
+        first_version = db.session.scalar(_FIRST_VERSION, {"ids": inputs, "since": since}) if inputs else None
+    round_ = _Round(job, len(firings), since, now, leaves, first_version)
     try:
-        return fire_once(org_id, job, f"{PREFIX}{round_}", cause="composite",
-                         window={"composite_round": round_, "reason": reason})
+        fires, why = round_.holds(tree)
+    except conditions.ConditionError as exc:
+        log.warning("trigger condition of job %s failed: %s", job.name, exc)
+        return None
+    if not fires:
+        return None
+    try:
+        return fire_once(job.org_id, job, f"{PREFIX}{round_.number}", cause="composite",
+                         window={"composite_round": round_.number, "reason": why}, reason=why)
     except NotFound:
         return None
 
 
-def on_task_succeeded(task_id: uuid.UUID | str) -> list[uuid.UUID]:
-    """After a task succeeded: if its run succeeded, fire the composites it completes (committed);
-    answers the task ids to enqueue."""
-    try:
-        row = db.session.execute(select(Run.id, Run.org_id, Run.state, Run.created_at, Job.name)
-                                 .join(Task, Task.run_id == Run.id).join(Job, Job.id == Run.job_id)
-                                 .where(Task.id == uuid.UUID(str(task_id)))).first()
-        if row is None or row.state != "succeeded":
+def _composites(org_id: uuid.UUID | None, upstream: str | None = None, *, conditions_only: bool = False
+                ) -> list[uuid.UUID]:
+    query = select(Job).where(Job.deleted_at.is_(None), Job.spec["trigger"].astext.isnot(None))
+    if org_id is not None:
+        query = query.where(Job.org_id == org_id)
+    found = []
+    for job in db.session.scalars(query):
+        tree = job.spec.get("trigger")
+        if not is_composite(job) or (upstream is not None and upstream not in set(_trigger_jobs(tree))):
+            continue
+        if not conditions_only or _has_condition(tree):
+            found.append(job.id)
+    return found
+
+
+def _evaluate_all(job_ids: list[uuid.UUID], now: datetime | None = None) -> list[uuid.UUID]:
+    """Each job in its own transaction: one failure loses no other job's firing."""
+    made = []
+    db.session.rollback()
+    for job_id in job_ids:
+        try:
+            job = db.session.get(Job, job_id)
+            task_id = evaluate(job, now) if job is not None and job.deleted_at is None else None
+            db.session.commit()
+            made += [task_id] if task_id else []
+        except Exception:
             db.session.rollback()
-            return []
-        task_ids = []
-        for job, kind, names, _timeout in _composites(row.org_id, row.name):
-            firings = _firings(job)
-            if kind == "any_of":
-                round_ = sum(1 for fired in firings if fired <= row.created_at)
-                task_id_ = _fire(row.org_id, job, round_, f"{row.name} succeeded")
-            else:
-                since = firings[-1] if firings else None
-                done = _upstream_runs(row.org_id, names, since, state="succeeded")
-                task_id_ = _fire(row.org_id, job, len(firings), "all succeeded") if set(names) <= set(done) else None
-            if task_id_ is not None:
-                task_ids.append(task_id_)
-        db.session.commit()
-        return task_ids
-    except BaseException:
-        db.session.rollback()
-        raise
+            log.exception("composite trigger of job %s failed; the next sweep tries again", job_id)
+    return made
 
 
-def fire_timeouts(org_id: uuid.UUID | None = None, now: datetime | None = None) -> list[uuid.UUID]:
-    """Fire every ``any_of`` with a timeout whose current window is older than it (committed);
-    answers the task ids to enqueue. Called on every beat poll."""
-    try:
-        now = now or db.session.scalar(select(func.now()))
-        orgs = [org_id] if org_id is not None else list(db.session.scalars(
-            select(Job.org_id).where(Job.deleted_at.is_(None), Job.spec["trigger"]["timeout_s"].astext.isnot(None))
-            .distinct()))
-        task_ids = []
-        for org in orgs:
-            for job, kind, names, timeout in _composites(org):
-                if kind != "any_of" or not timeout:
-                    continue
-                firings = _firings(job)
-                if firings:
-                    opened = _upstream_runs(org, names, firings[-1])
-                    start = min(opened.values()) if opened else None
-                else:
-                    start = job.created_at
-                if start is not None and now >= start + timedelta(seconds=float(timeout)):
-                    task_id = _fire(org, job, len(firings), "timeout")
-                    if task_id is not None:
-                        task_ids.append(task_id)
-        db.session.commit()
-        return task_ids
-    except BaseException:
+def on_task_succeeded(task_id: uuid.UUID | str) -> list[uuid.UUID]:
+    """After a task succeeded: evaluate the composites naming its job; answers the task ids to enqueue."""
+    row = db.session.execute(select(Task.org_id, Job.name).join(Job, Job.id == Task.job_id)
+                             .where(Task.id == uuid.UUID(str(task_id)), Task.state == "succeeded")).first()
+    if row is None:
         db.session.rollback()
-        raise
+        return []
+    return _evaluate_all(_composites(row.org_id, row.name))
+
+
+def on_dataset_updated(org_id: uuid.UUID) -> list[uuid.UUID]:
+    """After an update in ``org_id``: evaluate its composites with conditions."""
+    return _evaluate_all(_composites(org_id, conditions_only=True))
+
+
+def sweep(org_id: uuid.UUID | None = None, now: datetime | None = None) -> list[uuid.UUID]:
+    """Every composite job (of ``org_id``, or all): timeouts, and whatever a lost hook did not fire."""
+    return _evaluate_all(_composites(org_id), now)
+
+
+fire_timeouts = sweep  # the name the beat and older callers know
+

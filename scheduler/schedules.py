@@ -14,12 +14,13 @@ The platform's own periodic tasks (the lease reaper) stay ordinary beat entries
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.beat import Scheduler
 from flask import Flask
 
-from scheduler import composite
+from scheduler import composite, reactive
 from tracecore import triggers
 from tracecore.db import db
 from workers.app import enqueue
@@ -28,25 +29,40 @@ log = logging.getLogger(__name__)
 
 
 class DatabaseScheduler(Scheduler):
-    """Beat entries from ``beat_schedule`` plus, on every tick, the due job schedules."""
+    """Beat entries from ``beat_schedule`` plus, on every tick, the due job schedules and, every
+    ``sweep_interval``, the sweep of data, refresh, idle and composite triggers."""
 
     flask_app: Flask
     poll_interval: float = 0.5
+    sweep_interval: float = 2.0
+    _last_sweep: float = 0.0
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         self.fire_job_schedules()
+        if time.monotonic() - self._last_sweep >= self.sweep_interval:
+            self._last_sweep = time.monotonic()
+            self.sweep_triggers()
         interval = super().tick(*args, **kwargs)
         return min(interval, self.poll_interval)
+
+    def sweep_triggers(self) -> None:
+        """The durable path of data and composite triggers; each sweep commits job by job."""
+        with self.flask_app.app_context():
+            task_ids: list = []
+            for sweep in (reactive.sweep, composite.sweep):
+                try:
+                    task_ids += sweep()
+                except Exception:
+                    log.exception("trigger sweep failed; retrying at the next sweep")
+                finally:
+                    db.session.remove()
+            for task_id in task_ids:
+                enqueue(self.flask_app, task_id)
 
     def fire_job_schedules(self) -> None:
         with self.flask_app.app_context():
             try:
                 task_ids = triggers.fire_due()
-                try:
-                    task_ids += composite.fire_timeouts()
-                except Exception:
-                    db.session.rollback()
-                    log.exception("composite timeouts failed; retrying at the next tick")
             except Exception:
                 db.session.rollback()
                 log.exception("firing job schedules failed; retrying at the next tick")
@@ -57,6 +73,6 @@ class DatabaseScheduler(Scheduler):
                 enqueue(self.flask_app, task_id)  # a lost message is re-sent by the reaper
 
 
-def scheduler_for(flask_app: Flask, poll_interval: float) -> type[DatabaseScheduler]:
+def scheduler_for(flask_app: Flask, poll_interval: float, sweep_interval: float = 2.0) -> type[DatabaseScheduler]:
     return type("BoundDatabaseScheduler", (DatabaseScheduler,),
-                {"flask_app": flask_app, "poll_interval": poll_interval})
+                {"flask_app": flask_app, "poll_interval": poll_interval, "sweep_interval": sweep_interval})

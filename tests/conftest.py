@@ -87,7 +87,8 @@ def s3_server() -> Iterator[object]:
 def settings(services: Settings, tmp_path: Path) -> Settings:
     """Per test: a clean home, fast timings (short leases, quick retries), the test operators."""
     return configure(replace(services, home=str(tmp_path / "home"), lease_ttl=3.0, reaper_interval=0.5,
-                             retry_base_delay=0.2, retry_max_delay=2.0, plugins=("tests.operators",)))
+                             retry_base_delay=0.2, retry_max_delay=2.0, trigger_sweep_interval=0.5,
+                             plugins=("tests.operators",)))
 
 
 @pytest.fixture

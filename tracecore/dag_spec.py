@@ -18,7 +18,7 @@ import copy
 import heapq
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -28,24 +28,24 @@ from croniter import croniter
 
 from tracecore import dataset_schema
 from tracecore.dag_text import _invalid_body, _load, _type_name, parse_duration, parse_memory_mb
+from tracecore.dag_triggers import MAX_TRIGGER_NODES, Batch, TriggerRules, _trigger_jobs
 from tracecore.exceptions import ValidationError
 
 ACTIVATIONS = ("manual", "scheduled", "reactive", "webhook")
 RUNTIMES = ("lambda", "ecs_udf", "docker", "platform")
 EXECUTION_STRATEGIES = ("PerUpdate", "Batched")
 UPDATE_STRATEGIES = ("append", "replace", "upsert")
+REFRESH_MODES = ("manual", "auto")
 JOB_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 MAX_RETRIES_LIMIT = 100
 # Aliases let a few YAML lines expand into huge or self-referencing trees; these
 # bounds keep validation (and later JSON encoding) linear in the document's size.
-MAX_TRIGGER_DEPTH = 32
-MAX_TRIGGER_NODES = 1000
 MAX_CONFIG_DEPTH = 64
 MAX_CONFIG_NODES = 100_000
 
 _JOB_KEYS = ("name", "activation", "runtime", "operator", "execution_strategy", "idle_timeout",
              "inputs", "outputs", "update_strategy", "unique_key", "config", "udf", "schedule",
-             "trigger", "max_retries", "max_concurrency", "limits", "description")
+             "trigger", "max_retries", "max_concurrency", "limits", "description", "refresh", "batch")
 
 
 class OperatorInfo(Protocol):
@@ -124,6 +124,8 @@ class JobSpec:
     max_concurrency: int | None = None  # most running tasks of this job at once; None: unlimited
     limits: Limits = field(default_factory=Limits)
     description: str = ""
+    refresh: str = "manual"  # auto: a new version of an input dataset re-runs this job
+    batch: Batch | None = None  # execution_strategy Batched only; None there means Batch()
 
     def __post_init__(self) -> None:
         if not self.output_datasets and self.outputs > 0:
@@ -155,6 +157,7 @@ class JobSpec:
         d["udf"] = UdfRef(**d["udf"]) if d.get("udf") else None
         d["schedule"] = Schedule(**d["schedule"]) if d.get("schedule") else None
         d["limits"] = Limits(**d["limits"]) if d.get("limits") else Limits()
+        d["batch"] = Batch(**d["batch"]) if d.get("batch") else None
         return cls(**d)
 
 
@@ -221,15 +224,6 @@ def default_output_datasets(job: str, count: int) -> tuple[dict[str, Any], ...]:
     return tuple(dataset_schema.output_declaration(job if index == 0 else f"{job}_{index}") for index in range(count))
 
 
-def _trigger_jobs(node: Mapping[str, Any] | None) -> Iterator[str]:
-    if not node:
-        return
-    if "job" in node:
-        yield node["job"]
-    for child in node.get("all_of", ()) or node.get("any_of", ()):
-        yield from _trigger_jobs(child)
-
-
 _KINDS: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -239,7 +233,7 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-class _Parser:
+class _Parser(TriggerRules):
     """One validation pass; accumulates errors instead of raising at the first one."""
 
     def __init__(self, operators: Mapping[str, OperatorInfo],
@@ -395,6 +389,7 @@ class _Parser:
             "max_concurrency": lambda v, p, i: self.integer(v, p, 1),
             "description": lambda v, p, i: v if self.check(v, "string", p) else None,
             "trigger": lambda v, p, i: self.trigger(v, p, i, 0, [MAX_TRIGGER_NODES]),
+            "refresh": lambda v, p, i: self.enum(v, p, REFRESH_MODES, "invalid_value"),
         }
         out: dict[str, Any] = {}
         for key, value in job.items():
@@ -416,6 +411,7 @@ class _Parser:
         operator = out.get("operator")
         if operator is not None and self.operators[operator].needs_udf and "udf" not in job:
             self.error("missing_key", f"{path}.udf", f"operator {operator!r} runs user code and needs 'udf'")
+        self.check_data_triggers(job, out, path)
         return out
 
     def job_outputs(self, value: Any, path: str, i: int) -> int | tuple[dict[str, Any], ...] | None:
@@ -595,54 +591,6 @@ class _Parser:
         else:
             return " ".join(fields)
         return None
-
-    def trigger(self, node: Any, path: str, i: int, depth: int, budget: list[int]) -> dict[str, Any] | None:
-        """Normalize one trigger node; job names become ``{"job": name}`` leaves."""
-        budget[0] -= 1
-        if budget[0] < 0 or depth > MAX_TRIGGER_DEPTH:
-            if budget[0] == -1 or depth == MAX_TRIGGER_DEPTH + 1:
-                self.error("invalid_value", path, "trigger is too large or nested too deeply")
-            return None
-        if isinstance(node, str):
-            return self.trigger_job(node, path, i)
-        spec = self.mapping(node, path, ("all_of", "any_of", "when", "job", "timeout"),
-                            "job name or mapping with all_of, any_of or when")
-        if spec is None:
-            return None
-        kinds = [k for k in ("all_of", "any_of", "when", "job") if k in spec]
-        if "timeout" in spec and kinds != ["any_of"]:
-            self.error("unknown_key", f"{path}.timeout", "only any_of takes a timeout")
-        if not kinds:
-            self.error("missing_key", path, "a trigger node needs one of all_of, any_of, when")
-            return None
-        if len(kinds) > 1:
-            self.error("invalid_value", path, f"a trigger node takes exactly one of {', '.join(kinds)}")
-            return None
-        kind = kinds[0]
-        value, at = spec[kind], f"{path}.{kind}"
-        if kind == "job":
-            return self.trigger_job(value, at, i) if self.check(value, "string", at) else None
-        if kind == "when":
-            if self.check(value, "string", at) and not value.strip():
-                self.error("invalid_value", at, "'when' needs a SQL condition")
-            return {"when": value}
-        if not self.check(value, "list", at):
-            return None
-        if not value:
-            self.error("invalid_value", at, f"{kind} needs at least one node")
-        children = [self.trigger(child, f"{at}[{k}]", i, depth + 1, budget) for k, child in enumerate(value)]
-        if kind == "all_of":
-            return {"all_of": children}
-        timeout = self.duration(spec["timeout"], f"{path}.timeout") if "timeout" in spec else None
-        return {"any_of": children, "timeout_s": timeout}
-
-    def trigger_job(self, name: str, path: str, i: int) -> dict[str, Any]:
-        if not self.resolve(name)[0]:
-            self.error("unknown_trigger_job", path, f"no job {name!r} in this DAG or elsewhere in the organization")
-        elif name in self.first_index:
-            self.edges.append((name, i, path))
-        return {"job": name}
-
 
 def parse_dag(body: bytes | str | object, *, content_type: str | None = None,
               external_outputs: Callable[[str], int | None] = lambda name: None,

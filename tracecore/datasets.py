@@ -112,6 +112,7 @@ class DatasetVersion(Base):
         UniqueConstraint("dataset_id", "version"),
         CheckConstraint("version >= 1", name="version"),
         CheckConstraint("rows >= 0 AND bytes >= 0", name="sizes"),
+        Index("ix_dataset_versions_dataset_created", "dataset_id", "created_at"),  # data triggers' scans
     )
     id: Mapped[uuid.UUID] = uuid_pk()
     dataset_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False)
@@ -566,6 +567,24 @@ def views_for_capability(capability: Any) -> list[DatasetView]:
     if pii:
         _check_task_pii(capability, pii)
     return _views(list(pins.values()))
+
+
+def views_for_condition(org_id: uuid.UUID, dataset_ids: Sequence[uuid.UUID], user_id: uuid.UUID | None
+                        ) -> list[DatasetView]:
+    """A trigger's ``when`` condition reads the job's input datasets at their current versions,
+    named as the job's tasks see them; a PII input needs a grant for ``user_id`` (who saved the
+    job's DAG version: no one triggers a condition), as a task's read would."""
+    found = db.session.scalars(select(Dataset).where(Dataset.id.in_(list(dataset_ids)))).all()
+    owned = [dataset for dataset in found if dataset.org_id == org_id]
+    pii = [dataset for dataset in owned if dataset.pii]
+    granted = set() if user_id is None or not pii else set(db.session.scalars(
+        select(PiiGrant.dataset_id).where(PiiGrant.user_id == user_id, PiiGrant.dataset_id.in_([d.id for d in pii]))))
+    missing = [dataset.name for dataset in pii if dataset.id not in granted]
+    if missing:
+        raise PermissionDenied(f"PII dataset(s) {', '.join(missing)} need a PII grant for the user who saved this "
+                               "job's DAG", code="pii_not_granted")
+    return _views([(dataset.name, dataset, dataset.current_version) for dataset in owned
+                   if dataset.schema is not None])
 
 
 _ACCOUNTABLE_USER = text("""

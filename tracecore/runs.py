@@ -33,7 +33,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from .db import Base, created_at, db, uuid_pk
 from .exceptions import NotFound, ValidationError
 
-RUN_CAUSES = ("schedule", "webhook", "data", "dependency", "composite", "manual", "rerun")
+RUN_CAUSES = ("schedule", "webhook", "data", "dependency", "composite", "manual", "rerun", "refresh", "idle")
 
 RUN_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "queued": ("running", "succeeded", "failed", "canceled"),
@@ -109,6 +109,7 @@ class Task(Base):
         CheckConstraint(f"({_in('state', TERMINAL_TASK_STATES)}) = (finished_at IS NOT NULL)", name="finished"),
         CheckConstraint("state <> 'retrying' OR next_attempt_at IS NOT NULL", name="retry_has_time"),
         Index("ix_tasks_run", "run_id"),
+        Index("ix_tasks_job_created", "job_id", "created_at"),  # composite triggers, idle timeouts
         # The reaper's scans: only live rows are indexed.
         Index("ix_tasks_lease_expiry", "lease_expires_at", postgresql_where=text("state = 'running'")),
         Index("ix_tasks_waiting", "updated_at", postgresql_where=text("state IN ('queued', 'retrying')")),

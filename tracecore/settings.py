@@ -111,6 +111,11 @@ class Settings:
         50, "Most tasks of one org running at once (live leases), enforced when a lease is taken; "
             "a task over the cap waits in the queue.")
     beat_poll_interval: float = _setting(0.5, "Seconds between the beat's checks of the schedule rows.")
+    trigger_sweep_interval: float = _setting(
+        2.0, "Seconds between the beat's sweeps of data, refresh, idle and composite triggers: batches and "
+             "timeouts that fall due, and whatever a lost worker hook did not fire.")
+    trigger_lookback: float = _setting(
+        86_400.0, "Oldest dataset update (seconds ago) a data or refresh trigger still consumes.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -33,12 +33,15 @@ from croniter import croniter
 from cryptography.fernet import Fernet
 from sqlalchemy import (
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
     Uuid,
     func,
@@ -82,16 +85,22 @@ class ScheduledTick(Base):
 
 
 class TriggerFiring(Base):
-    """The fire-once guard of data and composite triggers: one row per (job, window key), inserted
-    in the same transaction as the run it fires, so a duplicate delivery fires nothing."""
+    """The fire-once guard and ledger of data, refresh, idle and composite triggers: one row per
+    (job, update or round), inserted in the same transaction as the run it fires, so a duplicate
+    delivery fires nothing. ``outcome`` says what became of it: ``fired`` (``run_id``), ``skipped``
+    (a false ``when``, or an update a DAG run of the job covers) or ``error`` (``detail``)."""
 
     __tablename__ = "trigger_firings"
-    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_trigger_firings_job_key"),)
+    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_trigger_firings_job_key"),
+                      CheckConstraint("outcome IN ('fired', 'skipped', 'error')", name="outcome"),
+                      Index("ix_trigger_firings_job_created", "job_id", "created_at"))
     id: Mapped[uuid.UUID] = uuid_pk()
     org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
     job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False)
     key: Mapped[str] = mapped_column(String(512), nullable=False)
     run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("runs.id", ondelete="SET NULL"))
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False, server_default="fired")
+    detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = created_at()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from celery import current_app, shared_task
 from flask import current_app as flask_app
@@ -29,8 +30,8 @@ def execute_task(task_id: str) -> str:
 
 
 def _fire_composites(task_id: str) -> None:
-    """Composite triggers (scheduler/composite.py) completed by this task's run; best effort:
-    an ``any_of`` with a timeout still fires at its timeout."""
+    """Composite triggers (scheduler/composite.py) this task completes, at once; best effort:
+    the beat's sweep fires whatever this misses."""
     from scheduler.composite import on_task_succeeded
 
     try:
@@ -45,7 +46,10 @@ def execute_dag_task(self, task_id: str) -> str:
     """One task of a DAG run inside its canvas: raises unless the task succeeded (see scheduler/canvas.py)."""
     from scheduler.canvas import run_dag_task
 
-    return run_dag_task(flask_app._get_current_object(), self, task_id)  # type: ignore[attr-defined]
+    outcome = run_dag_task(flask_app._get_current_object(), self, task_id)  # type: ignore[attr-defined]
+    if outcome == "succeeded":
+        _fire_composites(task_id)
+    return outcome
 
 
 @shared_task(name=REAP_LEASES, ignore_result=True)
@@ -107,11 +111,17 @@ def buffer_publish(claims_token: str, manifest: dict) -> dict:
 
 @shared_task(name=DATASET_UPDATED, ignore_result=True)
 def dataset_updated(dataset_id: str, version: int) -> int:
-    """Reactive PerUpdate: one run per downstream reactive job (fire-once per update, so a
-    duplicate delivery makes nothing); answers how many runs it made."""
-    from scheduler.reactive import on_dataset_updated
+    """The jobs watching the dataset (reactive, refresh: auto) and the composites with conditions,
+    at once (each update fires once, so a duplicate delivery makes nothing; the beat's sweep
+    fires whatever this misses); answers how many runs it made."""
+    from scheduler import composite, reactive
+    from tracecore.datasets import Dataset
+    from tracecore.db import db
 
-    task_ids = on_dataset_updated(dataset_id, version)
+    task_ids = reactive.on_dataset_updated(dataset_id, version)
+    dataset = db.session.get(Dataset, uuid.UUID(dataset_id))
+    if dataset is not None:
+        task_ids += composite.on_dataset_updated(dataset.org_id)
     for task_id in task_ids:
         current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
     return len(task_ids)

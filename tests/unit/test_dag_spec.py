@@ -120,7 +120,7 @@ def test_to_dict_is_json_and_round_trips() -> None:
     dag = parse([
         job("a", outputs=2, schedule={"every": "1h30m", "catch_up": 2}, activation="scheduled",
             limits={"memory": "1GB", "cpu": 1, "timeout": "2m", "pids": 64}),
-        job("b", inputs=[src("a", 1)], trigger={"any_of": ["a", {"when": "x > 1"}], "timeout": "10m"},
+        job("b", inputs=[src("a", 1)], trigger={"any_of": ["a", {"when": "SELECT max(x) > 1 FROM a"}], "timeout": "10m"},
             unique_key="id", update_strategy="upsert", udf={"bundle_id": "abc", "entrypoint": "m.f"}),
     ])
     data = json.loads(json.dumps(dag.to_dict()))
@@ -367,7 +367,7 @@ def test_schedule_forms(schedule: Any, expected: Schedule) -> None:
 def test_trigger_tree_is_normalized() -> None:
     trigger = {"all_of": ["a", {"any_of": ["b", {"when": "SELECT count(*) > 0 FROM t"}, "other_dag_job"],
                                 "timeout": "10m"}, {"any_of": ["block_follower"]}]}
-    dag = parse([job("a"), job("b"), job("c", activation="reactive", trigger=trigger)])
+    dag = parse([job("a", outputs=1), job("b"), job("c", inputs=[src("a")], trigger=trigger)])
     assert dag.job("c").trigger == {"all_of": [
         {"job": "a"},
         {"any_of": [{"job": "b"}, {"when": "SELECT count(*) > 0 FROM t"}, {"job": "other_dag_job"}],
