@@ -20,7 +20,8 @@ An update made by a DAG run that also runs the job is ``skipped``: the run cover
 
 ``idle_timeout`` (reactive jobs): when the job has not run for that long, it runs anyway
 (cause ``idle``, window ``{idle_since, idle_timeout_s}``), and again after each further idle
-period: the periodic re-evaluation seed 002's alert evaluator relies on when no data arrives.
+period (deadlines are counted from the last deadline, so a late sweep does not drift them):
+the periodic re-evaluation seed 002's alert evaluator relies on when no data arrives.
 
 Two paths evaluate a job, both under its advisory lock: the ``trace.dataset_updated`` hook
 sent after a publish commits (immediate), and the beat's sweep (:func:`sweep`), which finds
@@ -210,16 +211,27 @@ def _queued_refresh(job: Job) -> uuid.UUID | None:
         Run.job_id == job.id, Run.cause == "refresh", Task.state == "queued").limit(1))
 
 
+_LAST_ACTIVITY = text("""
+SELECT greatest(
+  (SELECT max(t.created_at) FROM tasks AS t JOIN runs AS r ON r.id = t.run_id
+   WHERE t.job_id = :job_id AND r.cause <> 'idle'),
+  (SELECT max(CAST(substr(key, 6) AS timestamptz)) FROM trigger_firings WHERE job_id = :job_id AND key LIKE 'idle:%'))
+""")
+
+
 def _fire_idle(job: Job, now: datetime) -> uuid.UUID | None:
+    """Idle since the last run (other than an idle one) or the last idle deadline: fire once per
+    deadline, keyed ``idle:<deadline>``, so the next deadline is one idle period later."""
     idle = (job.spec or {}).get("idle_timeout_s")
     if not idle or (job.spec or {}).get("activation") != "reactive":
         return None
-    last_run = db.session.scalar(select(func.max(Task.created_at)).where(Task.job_id == job.id))
-    since = max(filter(None, (last_run, job.created_at)))
-    if now < since + timedelta(seconds=float(idle)):
+    last = db.session.scalar(_LAST_ACTIVITY, {"job_id": job.id})
+    since = max(filter(None, (last, job.created_at)))
+    deadline = since + timedelta(seconds=float(idle))
+    if now < deadline:
         return None
     try:
-        return fire_once(job.org_id, job, f"idle:{since.isoformat()}", cause="idle",
+        return fire_once(job.org_id, job, f"idle:{deadline.isoformat()}", cause="idle",
                          window={"idle_since": since.isoformat(), "idle_timeout_s": float(idle)},
                          reason=f"no run for {float(idle):g} s")
     except NotFound:

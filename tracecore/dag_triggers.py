@@ -78,8 +78,6 @@ class TriggerRules:
         if spec is None:
             return None
         window = self.duration(spec["window"], f"{path}.window") if "window" in spec else Batch.window_s
-        if window is not None and window <= 0:
-            self.error("invalid_value", f"{path}.window", "the batch window must be longer than 0 s")
         most = self.integer(spec["max_updates"], f"{path}.max_updates", 1, 10_000) if "max_updates" in spec \
             else Batch.max_updates
         return Batch(window_s=window or Batch.window_s, max_updates=most or Batch.max_updates)

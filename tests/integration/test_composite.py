@@ -9,14 +9,14 @@ import uuid
 
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from scheduler.composite import fire_timeouts, on_task_succeeded
+from scheduler.composite import fire_timeouts, on_task_succeeded, sweep
 from tests.conftest import Processes, Tenant, wait_for
 from tracecore import runs
 from tracecore.dags import Job
 from tracecore.db import db
-from tracecore.runs import Run
+from tracecore.runs import Run, Task
 from workers.app import enqueue
 
 
@@ -98,3 +98,76 @@ def test_the_beat_poll_fires_the_timeout_once(app: Flask, client: FlaskClient, t
     assert wait_for(lambda: _runs(tenant.org_id, "timed", "succeeded") == 1, timeout=60)
     time.sleep(2.5)  # several polls and timeouts later: no upstream activity, no new window
     assert _runs(tenant.org_id, "timed") == 1
+
+
+def _succeed(app: Flask, org_id: uuid.UUID, job: str) -> None:
+    _start(app, org_id, job)
+    assert wait_for(lambda: _runs(org_id, job, "succeeded") >= 1, timeout=60)
+
+
+def test_a_nested_tree_fires_once_per_round(app: Flask, client: FlaskClient, tenant: Tenant,
+                                            processes: Processes) -> None:
+    _put(client, tenant, [_job("a"), _job("b"), _job("c"),
+                          _job("nested", trigger={"all_of": ["a", {"any_of": ["b", "c"]}]})])
+    processes.worker()
+    _succeed(app, tenant.org_id, "a")
+    time.sleep(0.5)
+    assert _runs(tenant.org_id, "nested") == 0  # a alone: the any_of still waits
+    _succeed(app, tenant.org_id, "c")
+    assert wait_for(lambda: _runs(tenant.org_id, "nested", "succeeded") == 1, timeout=60)
+    _succeed(app, tenant.org_id, "b")  # round 1 has b, not yet a
+    time.sleep(0.5)
+    assert _runs(tenant.org_id, "nested") == 1
+    _start(app, tenant.org_id, "a")
+    assert wait_for(lambda: _runs(tenant.org_id, "nested", "succeeded") == 2, timeout=60)
+    windows = db.session.scalars(select(Task.window).join(Job, Job.id == Task.job_id)
+                                 .where(Job.name == "nested", Job.org_id == tenant.org_id)).all()
+    assert sorted(window["composite_round"] for window in windows) == [0, 1]
+
+
+def test_a_when_node_joins_a_tree_through_the_query_service(app: Flask, client: FlaskClient, tenant: Tenant,
+                                                            processes: Processes) -> None:
+    from tests.integration.test_data_triggers import EMIT, READS_EMITTED, _publish
+
+    _put(client, tenant, [EMIT, _job("a"), _job("gated", inputs=READS_EMITTED, trigger={
+        "all_of": ["a", {"when": "SELECT count(*) >= 2 FROM emitted"}]})])
+    _publish(app, tenant.org_id, "emit", [{"k": 1}])
+    processes.worker()
+    _succeed(app, tenant.org_id, "a")
+    assert sweep(tenant.org_id) == []  # one row: the condition is false
+    _publish(app, tenant.org_id, "emit", [{"k": 2}])
+    assert len(sweep(tenant.org_id)) == 1  # a succeeded this round, and now the condition holds
+    assert sweep(tenant.org_id) == []  # round 1: a has not run again
+
+
+def test_tasks_inside_dag_runs_fire_composites_but_not_their_own_dag_job_twice(
+        app: Flask, client: FlaskClient, tenant: Tenant, processes: Processes) -> None:
+    upstream = [_job("p", outputs=1), _job("q", inputs=[{"from": {"job": "p", "output": 0}}])]
+    _put(client, tenant, upstream)
+    response = client.put("/v1/dags/watch", data=json.dumps([_job("after_q", trigger={"any_of": ["q"]}),
+                                                             _job("s"), _job("own", trigger={"any_of": ["s"]})]),
+                          headers={**tenant.headers("writer"), "Content-Type": "application/json"})
+    assert response.status_code == 200, response.json
+    processes.worker()
+    for dag in ("composite", "watch"):
+        started = client.post(f"/v1/dags/{dag}/runs", json={}, headers=tenant.headers("writer"))
+        assert started.status_code == 202, started.json
+
+    def succeeded_tasks(job: str) -> int:
+        db.session.expire_all()
+        count = db.session.scalar(select(func.count()).select_from(Task).join(Job, Job.id == Task.job_id).where(
+            Job.org_id == tenant.org_id, Job.name == job, Task.state == "succeeded"))
+        db.session.rollback()
+        return count
+
+    # after_q: in the watch DAG run, and once more fired by q of the other DAG run
+    assert wait_for(lambda: succeeded_tasks("after_q") == 2, timeout=60)
+    assert wait_for(lambda: succeeded_tasks("own") == 1, timeout=60)
+    time.sleep(1)
+    assert sweep(tenant.org_id) == []
+    # own ran in the watch DAG run only: s of that same run does not fire it again
+    causes = dict(db.session.execute(select(Job.name, func.count()).join(Run, Run.job_id == Job.id)
+                                     .where(Run.org_id == tenant.org_id, Run.cause == "composite")
+                                     .group_by(Job.name)).all())
+    assert causes == {"after_q": 1}
+    assert succeeded_tasks("own") == 1

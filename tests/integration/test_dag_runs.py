@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from flask.testing import FlaskClient
+from sqlalchemy import text
 
 from tests.conftest import Processes, Tenant
 from tests.integration.test_execution import put_dag, wait_run, when
+from tracecore.db import db
+from tracecore.settings import Settings, configure
 
 
 def job(name: str, operator: str = "sleep", *extra: str, upstream: tuple[str, ...] = ()) -> str:
@@ -105,3 +109,20 @@ def test_a_failure_does_not_strand_an_independent_branch(client: FlaskClient, te
     assert {name: task["status"] for name, task in tasks.items()} == \
         {"lone": "dead_letter", "x": "succeeded", "y": "succeeded"}
     assert when(tasks["y"]["attempts"][0]["started_at"]) >= when(tasks["x"]["attempts"][0]["finished_at"])
+
+
+def test_dag_runs_and_reruns_share_the_orgs_rate_limit(client: FlaskClient, tenant: Tenant,
+                                                       settings: Settings) -> None:
+    client.application.config["TRACE_SETTINGS"] = configure(replace(settings, run_rate_limit=2, run_rate_window=60))
+    put_dag(client, tenant, "diamond", DIAMOND)
+    run_id = start_dag(client, tenant, "diamond")
+    rerun = client.post(f"/v1/runs/{run_id}/rerun", json={"scope": "self", "job": "b"},
+                        headers=tenant.headers("writer"))
+    assert rerun.status_code == 202, rerun.json
+    limited = client.post("/v1/dags/diamond/runs", json={}, headers=tenant.headers("writer"))
+    assert limited.status_code == 429 and limited.json["error"]["code"] == "rate_limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    again = client.post(f"/v1/runs/{run_id}/rerun", json={"scope": "failed"}, headers=tenant.headers("writer"))
+    assert again.status_code == 429
+    db.session.rollback()
+    assert db.session.scalar(text("SELECT count(*) FROM runs WHERE org_id = :o"), {"o": tenant.org_id}) == 2

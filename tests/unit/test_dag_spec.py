@@ -20,6 +20,7 @@ from tracecore.dag_spec import (
     parse_duration,
     parse_memory_mb,
 )
+from tracecore.dag_triggers import Batch
 from tracecore.exceptions import ValidationError
 
 # Seed 002's "Example DAG config", verbatim.
@@ -120,7 +121,7 @@ def test_to_dict_is_json_and_round_trips() -> None:
     dag = parse([
         job("a", outputs=2, schedule={"every": "1h30m", "catch_up": 2}, activation="scheduled",
             limits={"memory": "1GB", "cpu": 1, "timeout": "2m", "pids": 64}),
-        job("b", inputs=[src("a", 1)], trigger={"any_of": ["a", {"when": "SELECT max(x) > 1 FROM a"}], "timeout": "10m"},
+        job("b", inputs=[src("a", 1)], trigger={"any_of": ["a", {"when": "SELECT true"}], "timeout": "10m"},
             unique_key="id", update_strategy="upsert", udf={"bundle_id": "abc", "entrypoint": "m.f"}),
     ])
     data = json.loads(json.dumps(dag.to_dict()))
@@ -432,3 +433,51 @@ def test_a_job_of_the_dag_shadows_an_external_one() -> None:
                 external_outputs=resolver)
     assert dag.upstream("b") == ["block_follower"]
     assert seen == []
+
+
+@pytest.mark.parametrize(("name", "jobs", "code", "path"), [
+    ("batch_without_batched", [job("a", outputs=1), job("b", inputs=[src("a")], activation="reactive",
+                                                        batch={"window": "1m"})], "invalid_value", "jobs[1].batch"),
+    ("batch_window_zero", [job("a", outputs=1), job("b", inputs=[src("a")], activation="reactive",
+                                                    execution_strategy="Batched", batch={"window": "0s"})],
+     "invalid_duration", "jobs[1].batch.window"),
+    ("batch_unknown_key", [job("a", outputs=1), job("b", inputs=[src("a")], activation="reactive",
+                                                    execution_strategy="Batched", batch={"size": 3})],
+     "unknown_key", "jobs[1].batch.size"),
+    ("refresh_unknown", [job("a", outputs=1), job("b", inputs=[src("a")], refresh="always")],
+     "invalid_value", "jobs[1].refresh"),
+    ("refresh_on_reactive", [job("a", outputs=1), job("b", inputs=[src("a")], activation="reactive",
+                                                      refresh="auto")], "invalid_value", "jobs[1].refresh"),
+    ("refresh_without_inputs", [job("a", refresh="auto")], "missing_key", "jobs[0].inputs"),
+    ("reactive_without_inputs", [job("a", activation="reactive")], "missing_key", "jobs[0].inputs"),
+    ("when_without_inputs", [job("a", trigger={"when": "SELECT true"})], "missing_key", "jobs[0].inputs"),
+    ("when_not_a_select", [job("a", outputs=1), job("b", inputs=[src("a")], trigger={"when": "DROP TABLE a"})],
+     "invalid_when", "jobs[1].trigger.when"),
+    ("when_two_statements", [job("a", outputs=1), job("b", inputs=[src("a")],
+                                                      trigger={"when": "SELECT true; SELECT false"})],
+     "invalid_when", "jobs[1].trigger.when"),
+    ("when_reads_files", [job("a", outputs=1), job("b", inputs=[src("a")],
+                                                   trigger={"when": "SELECT count(*) > 0 FROM read_csv('/etc/x')"})],
+     "invalid_when", "jobs[1].trigger.when"),
+    ("reactive_trigger_names_a_job", [job("a", outputs=1), job("b", inputs=[src("a")], activation="reactive",
+                                                               trigger={"any_of": ["a"]})],
+     "invalid_value", "jobs[1].trigger"),
+])
+def test_data_trigger_rules(name: str, jobs: list[dict[str, Any]], code: str, path: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse(jobs)
+    assert (caught.value.code, caught.value.details["path"]) == (code, path), caught.value.details
+
+
+def test_batch_refresh_and_reactive_conditions_parse() -> None:
+    dag = parse([job("a", outputs=1),
+                 job("b", inputs=[src("a")], activation="reactive", execution_strategy="Batched",
+                     batch={"window": "30s", "max_updates": 50},
+                     trigger={"any_of": [{"when": "SELECT count(*) > 9 FROM a"}, {"when": "SELECT false"}]}),
+                 job("c", inputs=[src("a")], refresh="auto"),
+                 job("d", inputs=[src("a")], activation="reactive", execution_strategy="Batched")])
+    assert dag.job("b").batch == Batch(window_s=30.0, max_updates=50)
+    assert dag.job("c").refresh == "auto" and dag.job("a").refresh == "manual"
+    assert dag.job("d").batch is None  # Batched without 'batch': the defaults at run time
+    again = JobSpec.from_dict(json.loads(json.dumps(dag.job("b").to_dict())))
+    assert again == dag.job("b")

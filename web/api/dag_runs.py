@@ -13,6 +13,7 @@ from tracecore.db import db
 from tracecore.orgs import Role
 
 from ..auth import current
+from .triggers import rate_limited_runs
 
 blp = Blueprint("dag_runs", __name__, url_prefix="/v1", description="Runs of whole DAGs, and re-runs")
 
@@ -35,8 +36,10 @@ class DagRunCreated(Schema):
 
 
 @blp.route("/dags/<name>/runs", methods=["POST"])
+@rate_limited_runs
 @blp.arguments(DagRunCreate)
 @blp.response(202, DagRunCreated)
+@blp.alt_response(429, description="Past the org's rate limit of API-triggered runs (Retry-After)")
 def run_dag(body: dict, name: str) -> ResponseReturnValue:
     principal = current(Role.writer)
     run_id, task_ids, spec = dag_runs.start_dag(principal.org_id, name, triggered_by=principal.user_id,
@@ -47,8 +50,10 @@ def run_dag(body: dict, name: str) -> ResponseReturnValue:
 
 
 @blp.route("/runs/<run_id>/rerun", methods=["POST"])
+@rate_limited_runs
 @blp.arguments(RerunCreate)
 @blp.response(202, DagRunCreated)
+@blp.alt_response(429, description="Past the org's rate limit of API-triggered runs (Retry-After)")
 def rerun(body: dict, run_id: str) -> ResponseReturnValue:
     principal = current(Role.writer)
     new_id, task_ids, spec = dag_runs.rerun(org_id=principal.org_id, run_id=run_id, scope=body["scope"],

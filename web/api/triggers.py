@@ -15,9 +15,10 @@ from flask import current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields
+from sqlalchemy import select
 
 from tracecore import runs, triggers
-from tracecore.dags import Job
+from tracecore.dags import Job, get_job
 from tracecore.db import db
 from tracecore.exceptions import NotFound
 from tracecore.orgs import Role
@@ -46,6 +47,18 @@ class WebhookCreated(Schema):
 
 class HookAccepted(Schema):
     run_id = fields.UUID()
+
+
+class FiringOut(Schema):
+    key = fields.String(metadata={"description": "data:<dataset id>:<version>, composite:<round>, idle:<since>"})
+    outcome = fields.String(metadata={"description": "fired | skipped | error"})
+    detail = fields.String(allow_none=True, metadata={"description": "Why: the reason it fired, or did not"})
+    run_id = fields.UUID(allow_none=True)
+    created_at = fields.DateTime()
+
+
+class FiringQuery(Schema):
+    limit = fields.Integer(load_default=100, validate=lambda n: 1 <= n <= 1000)
 
 
 def _redis() -> redis.Redis:
@@ -100,6 +113,19 @@ def pause_schedule(name: str) -> ResponseReturnValue:
 @blp.response(200, ScheduleOut)
 def resume_schedule(name: str) -> ResponseReturnValue:
     return _set_paused(name, False)
+
+
+@blp.route("/jobs/<name>/firings", methods=["GET"])
+@blp.arguments(FiringQuery, location="query")
+@blp.response(200, FiringOut(many=True))
+@blp.doc(description="The trigger ledger of a job, newest first: every update, batch, round and idle "
+                     "period its data, refresh, idle and composite triggers consumed, and what became of it.")
+def list_firings(query: dict, name: str) -> ResponseReturnValue:
+    principal = current(Role.reader)
+    job = get_job(principal.org_id, name)
+    return db.session.scalars(select(triggers.TriggerFiring).where(triggers.TriggerFiring.job_id == job.id)
+                              .order_by(triggers.TriggerFiring.created_at.desc(), triggers.TriggerFiring.key)
+                              .limit(query["limit"])).all()
 
 
 @blp.route("/jobs/<name>/webhooks", methods=["POST"])
