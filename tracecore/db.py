@@ -6,11 +6,14 @@ web requests and Celery tasks use the same session rules.
 
 from __future__ import annotations
 
+import atexit
+import os
 import uuid
 from datetime import datetime
+from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import DateTime, MetaData, Uuid, func
+from sqlalchemy import DateTime, Engine, MetaData, Uuid, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -48,3 +51,40 @@ def sqlalchemy_url(url: str) -> str:
 def libpq_url(url: str) -> str:
     """The same URL for psycopg/libpq directly (no SQLAlchemy driver suffix)."""
     return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+_fast_engines: dict[tuple[str, int], Engine] = {}
+
+
+def fast_engine() -> Engine:
+    """The engine of the worker's hot path (lease take and close): autocommit, no pre-ping,
+    ``synchronous_commit = off``.
+
+    Each statement is its own transaction (no BEGIN/COMMIT round trips) and its commit does not
+    wait for the WAL flush. A commit lost in a crash leaves at worst an expired lease, which the
+    reaper hands back to the queue: delivery is at least once anyway. Without pre-ping a dead
+    pooled connection shows up as an invalidated-connection error, which the caller retries once.
+    Keyed by URL (per-test apps share it; one engine per app would exhaust connections) and by
+    process (a forked worker child never shares its parent's sockets).
+    """
+    url = db.engine.url
+    key = (url.render_as_string(hide_password=False), os.getpid())
+    engine = _fast_engines.get(key)
+    if engine is None:
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=16)
+        event.listen(engine, "connect", _no_sync_commit)
+        _fast_engines[key] = engine
+    return engine
+
+
+@atexit.register
+def _dispose_fast_engines() -> None:
+    for engine in _fast_engines.values():
+        engine.dispose()
+
+
+def _no_sync_commit(dbapi_connection: Any, _record: Any) -> None:
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    dbapi_connection.execute("SET synchronous_commit = off")
+    dbapi_connection.autocommit = autocommit
