@@ -13,7 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import DateTime, Engine, MetaData, Uuid, create_engine, event, func
+from sqlalchemy import DateTime, Engine, Executable, MetaData, RowMapping, Uuid, create_engine, event, func
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -53,33 +54,48 @@ def libpq_url(url: str) -> str:
     return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-_fast_engines: dict[tuple[str, int], Engine] = {}
+_autocommit_engines: dict[tuple[str, int, bool], Engine] = {}
 
 
-def fast_engine() -> Engine:
-    """The engine of the worker's hot path (lease take and close): autocommit, no pre-ping,
-    ``synchronous_commit = off``.
+def autocommit_engine(*, durable: bool = True) -> Engine:
+    """An engine for single-statement hot paths: autocommit (no BEGIN/COMMIT round trips) and
+    no pre-ping (a dead pooled connection shows up as an invalidated-connection error, which
+    :func:`execute_one` retries once).
 
-    Each statement is its own transaction (no BEGIN/COMMIT round trips) and its commit does not
-    wait for the WAL flush. A commit lost in a crash leaves at worst an expired lease, which the
-    reaper hands back to the queue: delivery is at least once anyway. Without pre-ping a dead
-    pooled connection shows up as an invalidated-connection error, which the caller retries once.
+    ``durable=False`` sets ``synchronous_commit = off``: the commit does not wait for the WAL
+    flush. The worker's lease take and close use it: a commit lost in a crash leaves at worst an
+    expired lease, which the reaper hands back to the queue (delivery is at least once anyway).
     Keyed by URL (per-test apps share it; one engine per app would exhaust connections) and by
     process (a forked worker child never shares its parent's sockets).
     """
     url = db.engine.url
-    key = (url.render_as_string(hide_password=False), os.getpid())
-    engine = _fast_engines.get(key)
+    key = (url.render_as_string(hide_password=False), os.getpid(), durable)
+    engine = _autocommit_engines.get(key)
     if engine is None:
         engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=16)
-        event.listen(engine, "connect", _no_sync_commit)
-        _fast_engines[key] = engine
+        if not durable:
+            event.listen(engine, "connect", _no_sync_commit)
+        _autocommit_engines[key] = engine
     return engine
 
 
+def execute_one(statement: Executable, params: dict[str, Any], *, durable: bool = True) -> RowMapping | None:
+    """Run one statement as its own transaction on :func:`autocommit_engine`; answers its first
+    row, if it returns rows. A pooled connection found dead is replaced and the statement sent again."""
+    for retry in (False, True):
+        try:
+            with autocommit_engine(durable=durable).connect() as connection:
+                result = connection.execute(statement, params)
+                return result.mappings().first() if result.returns_rows else None
+        except DBAPIError as exc:
+            if retry or not exc.connection_invalidated:
+                raise
+    raise AssertionError("unreachable")
+
+
 @atexit.register
-def _dispose_fast_engines() -> None:
-    for engine in _fast_engines.values():
+def _dispose_autocommit_engines() -> None:
+    for engine in _autocommit_engines.values():
         engine.dispose()
 
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import RowMapping, TextClause, text
-from sqlalchemy.exc import DBAPIError
 
-from .db import db, fast_engine
+from .db import db, execute_one
 from .exceptions import StaleFence
 from .runs import TERMINAL_TASK_STATES
 
@@ -205,17 +204,8 @@ class Failure:
 
 
 def _fast(statement: TextClause, params: dict[str, Any]) -> RowMapping | None:
-    """One hot-path statement in its own non-durable transaction (see :func:`fast_engine`);
-    a pooled connection found dead is replaced and the statement sent once more."""
-    for retry in (False, True):
-        try:
-            with fast_engine().connect() as connection:
-                result = connection.execute(statement, params)
-                return result.mappings().first() if result.returns_rows else None
-        except DBAPIError as exc:
-            if retry or not exc.connection_invalidated:
-                raise
-    raise AssertionError("unreachable")
+    """One hot-path statement, its own non-durable transaction (see :func:`autocommit_engine`)."""
+    return execute_one(statement, params, durable=False)
 
 
 def take(task_id: uuid.UUID | str, worker: str, ttl: float,
