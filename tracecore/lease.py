@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import RowMapping, TextClause, text
+from sqlalchemy import TextClause, text
 
 from .db import db, execute_one
 from .exceptions import StaleFence
@@ -203,7 +203,7 @@ class Failure:
     retryable: bool = True
 
 
-def _fast(statement: TextClause, params: dict[str, Any]) -> RowMapping | None:
+def _fast(statement: TextClause, params: dict[str, Any]) -> dict[str, Any] | None:
     """One hot-path statement, its own non-durable transaction (see :func:`autocommit_engine`)."""
     return execute_one(statement, params, durable=False)
 

@@ -409,3 +409,19 @@ def test_concurrent_takes_never_pass_the_caps_and_the_counters_end_at_zero(
     db.session.rollback()
     assert db.session.scalar(text("SELECT count(*) FROM tasks WHERE org_id = :org AND state <> 'succeeded'"),
                              {"org": org_id}) == 0
+
+
+def test_a_lease_survives_its_pooled_connections_being_killed(make_task: Callable[..., uuid.UUID]) -> None:
+    """The hot path has no pre-ping: a connection found dead (here: every backend of the pool
+    terminated, as in a database restart) is replaced and the statement sent again."""
+    first = lease.take(make_task(), "w", 60)
+    assert isinstance(first, lease.Lease)
+    assert lease.succeed(first) == "succeeded"
+    killed = db.session.execute(text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
+    db.session.commit()
+    assert killed and killed >= 1
+    second = lease.take(make_task(), "w", 60)
+    assert isinstance(second, lease.Lease)
+    assert lease.succeed(second) == "succeeded"
