@@ -6,11 +6,15 @@ web requests and Celery tasks use the same session rules.
 
 from __future__ import annotations
 
+import atexit
+import os
 import uuid
 from datetime import datetime
+from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import DateTime, MetaData, Uuid, func
+from psycopg import OperationalError
+from sqlalchemy import DateTime, Engine, MetaData, TextClause, Uuid, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -48,3 +52,77 @@ def sqlalchemy_url(url: str) -> str:
 def libpq_url(url: str) -> str:
     """The same URL for psycopg/libpq directly (no SQLAlchemy driver suffix)."""
     return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+_autocommit_engines: dict[tuple[str, int, bool], Engine] = {}
+
+
+def autocommit_engine(*, durable: bool = True) -> Engine:
+    """An engine for single-statement hot paths: autocommit (no BEGIN/COMMIT round trips) and
+    no pre-ping (a dead pooled connection shows up as an error on a broken connection, which
+    :func:`execute_one` retries once on a fresh one).
+
+    ``durable=False`` sets ``synchronous_commit = off``: the commit does not wait for the WAL
+    flush. The worker's lease take and close use it: a commit lost in a crash leaves at worst an
+    expired lease, which the reaper hands back to the queue (delivery is at least once anyway).
+    Keyed by URL (per-test apps share it; one engine per app would exhaust connections) and by
+    process (a forked worker child never shares its parent's sockets).
+    """
+    url = db.engine.url
+    key = (url.render_as_string(hide_password=False), os.getpid(), durable)
+    engine = _autocommit_engines.get(key)
+    if engine is None:
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=16)
+        if not durable:
+            event.listen(engine, "connect", _no_sync_commit)
+        _autocommit_engines[key] = engine
+    return engine
+
+
+_psycopg_sql: dict[TextClause, str] = {}
+
+
+def execute_one(statement: TextClause, params: dict[str, Any], *, durable: bool = True) -> dict[str, Any] | None:
+    """Run one statement as its own transaction on :func:`autocommit_engine`; answers its first
+    row as a dict, if it returns rows.
+
+    The statement goes straight to the psycopg connection (compiled once to psycopg's paramstyle;
+    psycopg prepares it server-side after a few uses): SQLAlchemy's per-execution work is a large
+    part of a sub-millisecond statement. A pooled connection found dead is replaced and the
+    statement sent once more.
+    """
+    engine = autocommit_engine(durable=durable)
+    sql = _psycopg_sql.get(statement)
+    if sql is None:
+        sql = _psycopg_sql[statement] = str(statement.compile(dialect=engine.dialect))
+    for retry in (False, True):
+        connection = engine.raw_connection()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                if cursor.description is None:
+                    return None
+                row = cursor.fetchone()
+                names = [column.name for column in cursor.description]
+                return None if row is None else dict(zip(names, row, strict=True))
+        except OperationalError:
+            if retry or not connection.dbapi_connection.broken:  # type: ignore[union-attr]
+                raise
+            connection.invalidate()
+            engine.dispose()  # its siblings in the pool died with it (a database restart): start afresh
+        finally:
+            connection.close()  # back to the pool (an invalidated one is discarded)
+    raise AssertionError("unreachable")
+
+
+@atexit.register
+def _dispose_autocommit_engines() -> None:
+    for engine in _autocommit_engines.values():
+        engine.dispose()
+
+
+def _no_sync_commit(dbapi_connection: Any, _record: Any) -> None:
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    dbapi_connection.execute("SET synchronous_commit = off")
+    dbapi_connection.autocommit = autocommit

@@ -16,9 +16,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import TextClause, text
 
-from .db import db
+from .db import db, execute_one
 from .exceptions import StaleFence
 from .runs import TERMINAL_TASK_STATES
 
@@ -37,64 +37,85 @@ _COUNT_CLOSED_TASK = """
   RETURNING id, state, finished_at IS NOT NULL AS finished"""
 
 _CLOSE_RUN = _COUNT_CLOSED_TASK.format(
-    run_id="(SELECT run_id FROM closed)",
+    run_id="(SELECT run_id FROM freed)",
     failed="CASE WHEN CAST(:task_state AS varchar) = 'succeeded' THEN 0 ELSE 1 END",
     only_if=f"AND CAST(:task_state AS varchar) IN ({_TERMINAL}) AND EXISTS (SELECT 1 FROM closed)")
 
-_TAKE = text("""
-WITH leased AS (
+# Lock order, in every statement that touches them: the task row(s), then org_running rows,
+# then job_running rows (each by id), then the run row. Dependencies between the CTEs below
+# force that order (PostgreSQL runs CTEs on demand), so concurrent leases never deadlock.
+_TAKEABLE_WHERE = "(state IN ('queued', 'retrying') OR (state = 'running' AND lease_expires_at < now()))"
+
+# The lease in one statement. A task taken over from an expired lease keeps its slot (it was
+# counted when first leased); any other take needs a free slot in its org's counter row and its
+# job's, both locked (FOR UPDATE) before the check, so two workers never share the last slot.
+# ``verdict``: ok, gone (another worker holds it, or it is done), full (a cap is reached: the
+# task waits), missing (a counter row does not exist yet: take() creates it and tries again).
+_TAKE = text(f"""
+WITH candidate AS MATERIALIZED (
+  SELECT id, org_id, job_id, state = 'running' AS transfer FROM tasks
+  WHERE id = :task_id AND {_TAKEABLE_WHERE} FOR UPDATE
+), org_slot AS MATERIALIZED (
+  SELECT org_id, running FROM org_running
+  WHERE org_id = (SELECT org_id FROM candidate WHERE NOT transfer) FOR UPDATE
+), job_slot AS MATERIALIZED (
+  SELECT job_running.job_id, job_running.running,
+         COALESCE(CAST(jobs.spec->>'max_concurrency' AS integer), 2147483647) AS cap
+  FROM job_running JOIN jobs ON jobs.id = job_running.job_id
+  WHERE job_running.job_id = (SELECT job_id FROM candidate WHERE NOT transfer)
+    AND (SELECT running FROM org_slot) < :org_cap
+  FOR UPDATE OF job_running
+), verdict AS MATERIALIZED (
+  SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM candidate) THEN 'gone'
+              WHEN (SELECT transfer FROM candidate) THEN 'ok'
+              WHEN NOT EXISTS (SELECT 1 FROM org_slot) THEN 'missing'
+              WHEN (SELECT running FROM org_slot) >= :org_cap THEN 'full'
+              WHEN NOT EXISTS (SELECT 1 FROM job_slot) THEN 'missing'
+              WHEN (SELECT running >= cap FROM job_slot) THEN 'full'
+              ELSE 'ok' END AS verdict
+), org_bump AS (
+  UPDATE org_running SET running = running + 1
+  WHERE org_id = (SELECT org_id FROM org_slot) AND (SELECT verdict FROM verdict) = 'ok'
+), job_bump AS (
+  UPDATE job_running SET running = running + 1
+  WHERE job_id = (SELECT job_id FROM job_slot) AND (SELECT verdict FROM verdict) = 'ok'
+), leased AS (
   UPDATE tasks SET fence = fence + 1, lease_owner = :worker,
          lease_expires_at = now() + make_interval(secs => :ttl), state = 'running',
          attempts_count = attempts_count + 1, next_attempt_at = NULL, updated_at = now()
-  WHERE id = :task_id AND (state IN ('queued', 'retrying') OR (state = 'running' AND lease_expires_at < now()))
-    -- Fairness: the org's and the job's running tasks (live leases) must be below their caps.
-    -- Counted under the org's advisory lock, taken by take() before this statement.
-    AND (SELECT count(*) FROM tasks AS busy WHERE busy.org_id = tasks.org_id AND busy.state = 'running'
-           AND busy.lease_expires_at > now()) < :org_cap
-    AND (SELECT count(*) FROM tasks AS busy WHERE busy.job_id = tasks.job_id AND busy.state = 'running'
-           AND busy.lease_expires_at > now())
-        < COALESCE((SELECT CAST(spec->>'max_concurrency' AS integer) FROM jobs WHERE jobs.id = tasks.job_id),
-                   2147483647)
+  WHERE id = (SELECT id FROM candidate) AND (SELECT verdict FROM verdict) = 'ok'
   RETURNING id, org_id, run_id, job_id, fence, attempts_count, max_retries, "window"
 ), lost AS (
   UPDATE attempts SET state = 'lost', exit_reason = 'worker_lost', finished_at = clock_timestamp(),
          error_message = 'the lease expired before the attempt finished'
   WHERE task_id = :task_id AND state = 'running' AND EXISTS (SELECT 1 FROM leased)
+  RETURNING id
 ), started AS (
   UPDATE runs SET state = 'running', started_at = now()
   WHERE id = (SELECT run_id FROM leased) AND state = 'queued'
 ), recorded AS (
-  -- Skipped when a stale attempt is still marked running: the unique index on live
-  -- attempts would see it, so take() records this one after `lost` has committed.
+  -- After `lost` (the count forces it to run first): the stale attempt it closed is no
+  -- longer live for the unique index on running attempts.
   INSERT INTO attempts (id, org_id, task_id, number, fence, worker, state)
   SELECT :attempt_id, org_id, id, attempts_count, fence, :worker, 'running' FROM leased
-  WHERE NOT EXISTS (SELECT 1 FROM attempts WHERE task_id = :task_id AND state = 'running')
+  WHERE (SELECT count(*) FROM lost) >= 0
   RETURNING id
 )
-SELECT leased.*, jobs.name AS job_name, jobs.operator, jobs.spec, runs.config_overrides, runs.parameters,
-       EXISTS (SELECT 1 FROM recorded) AS recorded
-FROM leased JOIN jobs ON jobs.id = leased.job_id JOIN runs ON runs.id = leased.run_id
+SELECT verdict.verdict, leased.*, jobs.name AS job_name, jobs.operator, jobs.spec, runs.config_overrides,
+       runs.parameters, (SELECT count(*) FROM recorded) AS recorded
+FROM verdict LEFT JOIN (leased JOIN jobs ON jobs.id = leased.job_id JOIN runs ON runs.id = leased.run_id) ON true
 """)
 
-# Serializes the leases of one org (released at commit), so the caps' counts in _TAKE
-# see every lease committed before: two workers cannot both take the last free slot.
-_LOCK_ORG = text("""
-SELECT pg_advisory_xact_lock(hashtext('trace-org-cap'), hashtext(CAST(org_id AS text))) FROM tasks WHERE id = :task_id
-""")
-
-# Why a refused take was refused: still takeable means it was over a cap.
-_TAKEABLE = text("""
-SELECT 1 FROM tasks WHERE id = :task_id
-  AND (state IN ('queued', 'retrying') OR (state = 'running' AND lease_expires_at < now()))
+# Counter rows are made on first need (a new org or job), then never again.
+_ADD_COUNTERS = text("""
+WITH task AS (SELECT org_id, job_id FROM tasks WHERE id = :task_id), org AS (
+  INSERT INTO org_running (org_id) SELECT org_id FROM task ON CONFLICT DO NOTHING
+)
+INSERT INTO job_running (job_id) SELECT job_id FROM task ON CONFLICT DO NOTHING
 """)
 
 # What take() answers when the task waits for capacity (distinct from None: another worker holds it).
 OVER_CAPACITY = "over_capacity"
-
-_RECORD_ATTEMPT = text("""
-INSERT INTO attempts (id, org_id, task_id, number, fence, worker, state)
-VALUES (:id, :org_id, :task_id, :number, :fence, :worker, 'running')
-""")
 
 # Close the task and its attempt; the run's counters make the last task to close
 # finish the run in the same statement (row locks order concurrent closers).
@@ -106,7 +127,17 @@ WITH closed AS (
                                 THEN now() + make_interval(secs => CAST(:delay AS double precision)) END,
          last_error = :error_message, updated_at = now()
   WHERE id = :task_id AND fence = :fence AND state = 'running' AND lease_expires_at > now()
-  RETURNING run_id, state
+  RETURNING run_id, state, org_id, job_id
+), org_free AS (
+  UPDATE org_running SET running = running - 1 WHERE org_id = (SELECT org_id FROM closed)
+  RETURNING org_id
+), job_free AS (
+  UPDATE job_running SET running = running - 1
+  WHERE job_id = (SELECT job_id FROM closed) AND (SELECT count(*) FROM org_free) >= 0
+  RETURNING job_id
+), freed AS (
+  -- The run row is locked last (see the lock order above _TAKE).
+  SELECT run_id FROM closed WHERE (SELECT count(*) FROM job_free) >= 0
 ), attempt AS (
   UPDATE attempts SET state = CAST(:attempt_state AS varchar), exit_reason = :exit_reason,
          error_type = :error_type, error_message = :error_message, stack_trace = :stack_trace,
@@ -172,28 +203,27 @@ class Failure:
     retryable: bool = True
 
 
-def _autocommit() -> Connection:
-    """A pooled connection in autocommit: each hot-path statement is its own transaction,
-    which saves the BEGIN and COMMIT round trips of a session."""
-    return db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+def _fast(statement: TextClause, params: dict[str, Any]) -> dict[str, Any] | None:
+    """One hot-path statement, its own non-durable transaction (see :func:`autocommit_engine`)."""
+    return execute_one(statement, params, durable=False)
 
 
 def take(task_id: uuid.UUID | str, worker: str, ttl: float,
          org_cap: int = 2147483647) -> Lease | str | None:
-    """Take the lease and record the attempt; None when another worker holds the task (or it is
-    done), :data:`OVER_CAPACITY` when the org's or the job's running tasks are at their cap."""
+    """Take the lease and record the attempt in one statement; None when another worker holds the
+    task (or it is done), :data:`OVER_CAPACITY` when the org's or the job's running tasks are at
+    their cap."""
     attempt_id = uuid.uuid4()
-    with db.engine.connect() as connection, connection.begin():
-        connection.execute(_LOCK_ORG, {"task_id": str(task_id)})
-        row = connection.execute(_TAKE, {"task_id": str(task_id), "worker": worker, "ttl": ttl,
-                                         "attempt_id": attempt_id, "org_cap": org_cap}).mappings().first()
-        if row is None:
-            takeable = connection.execute(_TAKEABLE, {"task_id": str(task_id)}).first() is not None
-            return OVER_CAPACITY if takeable else None
-        if not row["recorded"]:  # a stale attempt was closed as lost by the statement above
-            connection.execute(_RECORD_ATTEMPT, {"id": attempt_id, "org_id": row["org_id"], "task_id": row["id"],
-                                                 "number": row["attempts_count"], "fence": row["fence"],
-                                                 "worker": worker})
+    params = {"task_id": str(task_id), "worker": worker, "ttl": ttl, "attempt_id": attempt_id, "org_cap": org_cap}
+    row = _fast(_TAKE, params)
+    if row is not None and row["verdict"] == "missing":  # the first lease of a new org or job
+        _fast(_ADD_COUNTERS, {"task_id": str(task_id)})
+        row = _fast(_TAKE, params)
+    assert row is not None
+    if row["verdict"] == "full":
+        return OVER_CAPACITY
+    if row["verdict"] != "ok":
+        return None
     return Lease(task_id=row["id"], org_id=row["org_id"], run_id=row["run_id"], job_id=row["job_id"],
                  job_name=row["job_name"], fence=row["fence"], attempt_id=attempt_id,
                  attempt_number=row["attempts_count"], max_retries=row["max_retries"], worker=worker,
@@ -251,17 +281,17 @@ def retry_delay(attempt_number: int, base: float, cap: float) -> float:
 def _close(lease: Lease, *, task_state: str, attempt_state: str, exit_reason: str, result: Any = None,
            error_type: str | None = None, error_message: str | None = None, stack_trace: str | None = None,
            delay: float = 0.0, peak_memory_bytes: int | None = None, log_location: str | None = None) -> str | None:
-    with _autocommit() as connection:
-        row = connection.execute(_CLOSE, {
-            "task_id": lease.task_id, "fence": lease.fence, "task_state": task_state,
-            "attempt_state": attempt_state, "exit_reason": exit_reason, "error_type": error_type,
-            "error_message": error_message, "stack_trace": stack_trace, "delay": delay,
-            "result": None if result is None else json.dumps(result, default=str),
-            "peak_memory_bytes": peak_memory_bytes, "log_location": log_location,
-        }).one()
-    if row.closed == 0:
+    row = _fast(_CLOSE, {
+        "task_id": lease.task_id, "fence": lease.fence, "task_state": task_state,
+        "attempt_state": attempt_state, "exit_reason": exit_reason, "error_type": error_type,
+        "error_message": error_message, "stack_trace": stack_trace, "delay": delay,
+        "result": None if result is None else json.dumps(result, default=str),
+        "peak_memory_bytes": peak_memory_bytes, "log_location": log_location,
+    })
+    assert row is not None
+    if row["closed"] == 0:
         _refuse(lease.task_id, lease.fence)
-    return row.run_state
+    return row["run_state"]
 
 
 def _refuse(task_id: uuid.UUID, fence: int) -> None:
@@ -285,7 +315,22 @@ WITH expired AS (
          last_error = 'worker lost: the lease expired', lease_owner = NULL, lease_expires_at = NULL,
          updated_at = now()
   WHERE id IN (SELECT id FROM expired)
-  RETURNING id, run_id, state
+  RETURNING id, run_id, state, org_id, job_id
+), org_lock AS MATERIALIZED (  -- counter rows locked in id order (see the lock order above _TAKE)
+  SELECT org_id FROM org_running WHERE org_id IN (SELECT org_id FROM requeued) ORDER BY org_id FOR UPDATE
+), org_free AS (
+  UPDATE org_running SET running = running - freed.n
+  FROM (SELECT org_id, count(*) AS n FROM requeued GROUP BY org_id) AS freed
+  WHERE org_running.org_id = freed.org_id AND org_running.org_id IN (SELECT org_id FROM org_lock)
+  RETURNING org_running.org_id
+), job_lock AS MATERIALIZED (
+  SELECT job_id FROM job_running WHERE job_id IN (SELECT job_id FROM requeued)
+    AND (SELECT count(*) FROM org_free) >= 0
+  ORDER BY job_id FOR UPDATE
+), job_free AS (
+  UPDATE job_running SET running = running - freed.n
+  FROM (SELECT job_id, count(*) AS n FROM requeued GROUP BY job_id) AS freed
+  WHERE job_running.job_id = freed.job_id AND job_running.job_id IN (SELECT job_id FROM job_lock)
 ), forgotten AS (
   UPDATE tasks SET updated_at = now()
   WHERE id IN (SELECT id FROM tasks WHERE (state = 'queued' AND updated_at < now() - make_interval(secs => :stale))

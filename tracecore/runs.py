@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .db import Base, created_at, db, uuid_pk
+from .db import Base, created_at, db, execute_one, uuid_pk
 from .exceptions import NotFound, ValidationError
 
 RUN_CAUSES = ("schedule", "webhook", "data", "dependency", "composite", "manual", "rerun", "refresh", "idle")
@@ -264,17 +264,21 @@ RETURNING id
 
 def create_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uuid.UUID | None,
                parameters: dict[str, Any] | None = None, config_overrides: dict[str, Any] | None = None,
-               window: dict[str, Any] | None = None, dag_id: uuid.UUID | None = None) -> tuple[uuid.UUID, uuid.UUID]:
+               window: dict[str, Any] | None = None, dag_id: uuid.UUID | None = None,
+               commit_now: bool = False) -> tuple[uuid.UUID, uuid.UUID]:
     """Insert a single-task run of a live job in one statement; answers (run id, task id).
 
-    The caller commits, then enqueues the task. A missing job (or another org's) is NotFound.
+    The caller commits, then enqueues the task; with ``commit_now`` the statement is its own
+    (durable) transaction outside the session, which saves the session's BEGIN and COMMIT round
+    trips on the manual-trigger path. A missing job (or another org's) is NotFound.
     """
     run_id, task_id = uuid.uuid4(), uuid.uuid4()
-    inserted = db.session.execute(_CREATE_RUN, {
+    params = {
         "run_id": run_id, "task_id": task_id, "org_id": org_id, "job_name": job_name, "dag_id": dag_id,
         "cause": cause, "triggered_by": triggered_by, "parameters": json.dumps(parameters or {}),
         "config_overrides": json.dumps(config_overrides or {}), "window": json.dumps(window or {}),
-    }).first()
+    }
+    inserted = execute_one(_CREATE_RUN, params) if commit_now else db.session.execute(_CREATE_RUN, params).first()
     if inserted is None:
         raise NotFound(f"no job named {job_name!r}")
     return run_id, task_id

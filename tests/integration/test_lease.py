@@ -7,12 +7,14 @@ never decided by a sleep in the test.
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 from collections.abc import Callable
 
 import pytest
 from flask import Flask
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
 from tests.conftest import wait_for
 from tracecore import dags, lease, orgs, runs
@@ -276,3 +278,150 @@ def test_retry_delays_never_shrink_and_stop_at_the_cap() -> None:
         assert min(by_attempt[n + 1]) >= max(by_attempt[n])
     assert max(by_attempt[1]) <= base
     assert all(delay == cap for n in range(6, 10) for delay in by_attempt[n])
+
+
+# --- the running counters behind the fairness caps (org_running, job_running) ------------------------------
+
+def counters(task_id: uuid.UUID) -> tuple[int, int]:
+    """(org's running count, job's running count) of the task's org and job."""
+    db.session.rollback()
+    row = db.session.execute(text(
+        "SELECT (SELECT running FROM org_running WHERE org_id = t.org_id), "
+        "(SELECT running FROM job_running WHERE job_id = t.job_id) FROM tasks t WHERE t.id = :id"),
+        {"id": task_id}).one()
+    db.session.rollback()
+    return row[0], row[1]
+
+
+def running_tasks(task_id: uuid.UUID) -> tuple[int, int]:
+    """The same two figures counted from the tasks table: what the counters must equal."""
+    db.session.rollback()
+    row = db.session.execute(text(
+        "SELECT (SELECT count(*) FROM tasks o WHERE o.org_id = t.org_id AND o.state = 'running'), "
+        "(SELECT count(*) FROM tasks j WHERE j.job_id = t.job_id AND j.state = 'running') "
+        "FROM tasks t WHERE t.id = :id"), {"id": task_id}).one()
+    db.session.rollback()
+    return row[0], row[1]
+
+
+def test_counters_follow_take_close_fail_and_reap_and_never_drift(make_task: Callable[..., uuid.UUID]) -> None:
+    done, retried, reaped, taken_over = (make_task(max_retries=3) for _ in range(4))
+    held = {task_id: lease.take(task_id, "w", 60 if task_id in (done, retried) else 0.2)
+            for task_id in (done, retried, reaped, taken_over)}
+    assert all(isinstance(value, lease.Lease) for value in held.values())
+    assert counters(done)[0] == running_tasks(done)[0] == 4
+    assert lease.succeed(held[done]) == "succeeded"  # type: ignore[arg-type]
+    lease.fail(held[retried], lease.Failure("error", "E", "boom"), base_delay=60, max_delay=60)  # type: ignore[arg-type]
+    assert counters(done) == running_tasks(done) == (2, 0)
+    for task_id in (reaped, taken_over):
+        wait_for(lambda task_id=task_id: lease_expired(task_id), timeout=10, message="the 0.2 s leases to lapse")
+    # Taking over an expired lease moves its slot to the new holder: no count changes.
+    again = lease.take(taken_over, "rescuer", 60, org_cap=2)
+    assert isinstance(again, lease.Lease) and again.fence == 2
+    assert counters(taken_over) == running_tasks(taken_over) == (2, 1)
+    assert lease.reap(stale_after=3600) == [reaped]
+    assert counters(reaped) == running_tasks(reaped) == (1, 0)
+    assert lease.succeed(again) == "succeeded"
+    assert counters(reaped) == running_tasks(reaped) == (0, 0)
+    # A zombie's late write changes nothing, the counters included.
+    with pytest.raises(StaleFence):
+        lease.succeed(held[reaped])  # type: ignore[arg-type]
+    assert counters(reaped) == (0, 0)
+
+
+def test_a_counter_can_never_go_negative(make_task: Callable[..., uuid.UUID]) -> None:
+    task_id = make_task()
+    held = lease.take(task_id, "w", 60)
+    assert isinstance(held, lease.Lease)
+    assert lease.succeed(held) == "succeeded"
+    with pytest.raises(IntegrityError):
+        db.session.execute(text("UPDATE org_running SET running = running - 1 WHERE org_id = "
+                                "(SELECT org_id FROM tasks WHERE id = :id)"), {"id": task_id})
+    db.session.rollback()
+
+
+def test_over_the_cap_a_take_waits_and_an_expired_lease_is_still_taken_over(
+        make_task: Callable[..., uuid.UUID]) -> None:
+    first, second, third = (make_task() for _ in range(3))
+    held = lease.take(first, "w", 0.2, org_cap=2)
+    assert isinstance(held, lease.Lease)
+    assert isinstance(lease.take(second, "w", 60, org_cap=2), lease.Lease)
+    assert lease.take(third, "w", 60, org_cap=2) == lease.OVER_CAPACITY
+    task = task_row(third)
+    assert (task.state, task.fence, task.attempts_count) == ("queued", 0, 0)  # untouched, still waiting
+    wait_for(lambda: lease_expired(first), timeout=10, message="the 0.2 s lease to lapse")
+    assert lease.take(third, "w", 60, org_cap=2) == lease.OVER_CAPACITY  # the expired lease holds its slot
+    assert isinstance(lease.take(first, "rescuer", 60, org_cap=2), lease.Lease)  # ... until taken over
+    assert counters(first)[0] == running_tasks(first)[0] == 2
+
+
+def test_concurrent_takes_never_pass_the_caps_and_the_counters_end_at_zero(
+        app: Flask, make_task: Callable[..., uuid.UUID]) -> None:
+    """Eight threads drain 40 tasks of one org (org cap 3) and one job (max_concurrency 2):
+    every count sampled right after a take is within the caps; at the end both are zero."""
+    plain = [make_task() for _ in range(20)]
+    org_id = task_row(plain[0]).org_id  # the org make_task uses
+    dags.save_dag(org_id, "capped", "- name: capped\n  runtime: platform\n  operator: noop\n  max_concurrency: 2\n",
+                  content_type="application/yaml", user_id=None)
+    db.session.commit()
+    capped: list[uuid.UUID] = []
+    for _ in range(20):
+        capped.append(runs.create_run(org_id=org_id, job_name="capped", cause="manual", triggered_by=None)[1])
+    db.session.commit()
+    queue = [*capped, *plain]
+    random.shuffle(queue)
+    guard = threading.Lock()
+    seen: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def drain(number: int) -> None:
+        try:
+            with app.app_context():
+                while True:
+                    with guard:
+                        if not queue:
+                            return
+                        task_id = queue.pop()
+                    held = lease.take(task_id, f"t{number}", 60, org_cap=3)
+                    if not isinstance(held, lease.Lease):
+                        assert held == lease.OVER_CAPACITY
+                        with guard:
+                            queue.insert(0, task_id)
+                        continue
+                    sample = running_tasks(capped[0])  # the real count, not the counter
+                    with guard:
+                        seen.append(sample)
+                    lease.succeed(held)
+                db.session.remove()
+        except BaseException as error:
+            with guard:
+                errors.append(error)
+
+    threads = [threading.Thread(target=drain, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert len(seen) == 40
+    assert max(org for org, _ in seen) <= 3 and max(job for _, job in seen) <= 2, seen
+    assert counters(capped[0]) == running_tasks(capped[0]) == (0, 0)
+    db.session.rollback()
+    assert db.session.scalar(text("SELECT count(*) FROM tasks WHERE org_id = :org AND state <> 'succeeded'"),
+                             {"org": org_id}) == 0
+
+
+def test_a_lease_survives_its_pooled_connections_being_killed(make_task: Callable[..., uuid.UUID]) -> None:
+    """The hot path has no pre-ping: a connection found dead (here: every backend of the pool
+    terminated, as in a database restart) is replaced and the statement sent again."""
+    first = lease.take(make_task(), "w", 60)
+    assert isinstance(first, lease.Lease)
+    assert lease.succeed(first) == "succeeded"
+    killed = db.session.execute(text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
+    db.session.commit()
+    assert killed and killed >= 1
+    second = lease.take(make_task(), "w", 60)
+    assert isinstance(second, lease.Lease)
+    assert lease.succeed(second) == "succeeded"

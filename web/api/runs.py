@@ -121,8 +121,7 @@ def trigger_job(body: dict, name: str) -> ResponseReturnValue:
     principal = current(Role.writer)
     run_id, task_id = runs.create_run(org_id=principal.org_id, job_name=name, cause="manual",
                                       triggered_by=principal.user_id, parameters=body["parameters"],
-                                      config_overrides=body["config"])
-    db.session.commit()
+                                      config_overrides=body["config"], commit_now=True)
     enqueue(current_app, task_id)
     return {"run_id": run_id}
 
