@@ -1,7 +1,7 @@
 """trigger outcomes: why a trigger fired or did not; refresh and idle run causes
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 ``trigger_firings`` becomes the ledger of every update or round a trigger consumed: ``outcome``
 ``fired`` (a run), ``skipped`` (its ``when`` condition was false, or the update came from a
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
