@@ -37,7 +37,6 @@ from tracecore.dag_triggers import _trigger_jobs
 from tracecore.dags import Job
 from tracecore.db import db
 from tracecore.exceptions import NotFound
-from tracecore.runs import Task
 from tracecore.triggers import TriggerFiring
 
 from . import conditions
@@ -190,12 +189,22 @@ def _evaluate_all(job_ids: list[uuid.UUID], now: datetime | None = None) -> list
     return made
 
 
+# One round trip on the hot path (after every successful task): the task's org and job, only
+# when some live composite of the org mentions the job's name (confirmed on the parsed tree).
+_NAMED_BY_A_COMPOSITE = text("""
+SELECT t.org_id, j.name FROM tasks AS t JOIN jobs AS j ON j.id = t.job_id
+WHERE t.id = :task_id AND t.state = 'succeeded'
+  AND EXISTS (SELECT 1 FROM jobs AS c WHERE c.org_id = t.org_id AND c.deleted_at IS NULL
+              AND jsonb_typeof(c.spec->'trigger') = 'object'
+              AND position(CAST(to_jsonb(j.name) AS text) IN CAST(c.spec->'trigger' AS text)) > 0)
+""")
+
+
 def on_task_succeeded(task_id: uuid.UUID | str) -> list[uuid.UUID]:
     """After a task succeeded: evaluate the composites naming its job; answers the task ids to enqueue."""
-    row = db.session.execute(select(Task.org_id, Job.name).join(Job, Job.id == Task.job_id)
-                             .where(Task.id == uuid.UUID(str(task_id)), Task.state == "succeeded")).first()
+    row = db.session.execute(_NAMED_BY_A_COMPOSITE, {"task_id": uuid.UUID(str(task_id))}).first()
+    db.session.rollback()
     if row is None:
-        db.session.rollback()
         return []
     return _evaluate_all(_composites(row.org_id, row.name))
 
