@@ -50,7 +50,9 @@ def wait_healthy(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def running_platform(worker_args: tuple[str, ...] = ("--concurrency", "1")) -> Iterator[Platform]:
+def running_platform(worker_args: tuple[str, ...] = ("--concurrency", "1"),
+                     env: dict[str, str] | None = None) -> Iterator[Platform]:
+    """``env``: extra TRACE_* settings for the API and the worker."""
     home = Path(tempfile.mkdtemp(prefix="trace-bench-", dir="/tmp"))
     services = EmbeddedServices(home)
     settings = services.start(Settings(home=str(home), port=free_port()))
@@ -60,7 +62,7 @@ def running_platform(worker_args: tuple[str, ...] = ("--concurrency", "1")) -> I
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRACE_")},
                "TRACE_HOME": str(home), "TRACE_DATABASE_URL": settings.database_url or "",
                "TRACE_BROKER_URL": settings.broker_url or "", "TRACE_PORT": str(settings.port),
-               "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+               "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT), **(env or {})}
         from web.cli import bootstrap_admin
 
         token = bootstrap_admin(settings)

@@ -1,7 +1,7 @@
 """Leases and fences: the only way a worker may act on a task.
 
 Delivery is at least once, so any number of workers may hold a message for the same
-task. Exactly one wins the lease (the single UPDATE in :func:`take`); every lease
+task. Exactly one wins the lease (the single statement of :func:`take`); every lease
 bumps ``tasks.fence``, and every write made on behalf of a task names the fence it
 was given. A write whose fence is no longer the task's current one, or whose lease
 has lapsed, is refused with :class:`StaleFence` and its attempt is recorded as
@@ -222,7 +222,7 @@ def take(task_id: uuid.UUID | str, worker: str, ttl: float,
     assert row is not None
     if row["verdict"] == "full":
         return OVER_CAPACITY
-    if row["verdict"] != "ok":
+    if row["verdict"] != "ok" or row["id"] is None:
         return None
     return Lease(task_id=row["id"], org_id=row["org_id"], run_id=row["run_id"], job_id=row["job_id"],
                  job_name=row["job_name"], fence=row["fence"], attempt_id=attempt_id,
