@@ -18,7 +18,7 @@ from sqlalchemy import select, text
 
 from .dag_spec import DagSpec, JobSpec
 from .dags import Dag, Job, get_dag
-from .db import db
+from .db import db, execute_one
 from .exceptions import Conflict, NotFound, ValidationError
 from .lease import RUN_FINISHED_CHANNEL
 from .runs import Run, Task, get_run, tasks_of
@@ -138,11 +138,13 @@ def start_dag(org_id: uuid.UUID, dag_name: str, *, triggered_by: uuid.UUID | Non
 
 # --- the gate, used by the canvas task on the worker ---------------------------------------------------------
 
+# One row: the task's state and spec, and the (job, state) of the run's other tasks. Run on the
+# autocommit connection (no session BEGIN/COMMIT): the gate sits on every hand-off of a DAG run.
 _UPSTREAM_STATES = text("""
-SELECT t.state, j.spec, j.name, up.state AS up_state, uj.name AS up_name
-FROM tasks t JOIN jobs j ON j.id = t.job_id
-LEFT JOIN tasks up ON up.run_id = t.run_id AND up.id <> t.id
-LEFT JOIN jobs uj ON uj.id = up.job_id
+SELECT t.state, j.spec,
+       (SELECT coalesce(json_agg(json_build_array(uj.name, up.state)), '[]') FROM tasks AS up
+        JOIN jobs AS uj ON uj.id = up.job_id WHERE up.run_id = t.run_id AND up.id <> t.id) AS others
+FROM tasks AS t JOIN jobs AS j ON j.id = t.job_id
 WHERE t.id = :task_id
 """)
 
@@ -153,13 +155,11 @@ def gate(task_id: str) -> str:
     ``done`` (the task is terminal already), ``ready`` (every upstream of this run succeeded),
     ``wait`` (an upstream is still open) or ``blocked`` (an upstream dead-lettered or was canceled).
     """
-    rows = db.session.execute(_UPSTREAM_STATES, {"task_id": task_id}).mappings().all()
-    if not rows:
+    row = execute_one(_UPSTREAM_STATES, {"task_id": task_id})
+    if row is None or row["state"] in ("succeeded", "dead_letter", "canceled"):
         return "done"
-    if rows[0]["state"] in ("succeeded", "dead_letter", "canceled"):
-        return "done"
-    upstream = set(JobSpec.from_dict(rows[0]["spec"]).dependencies())
-    states = [row["up_state"] for row in rows if row["up_name"] in upstream]
+    upstream = set(JobSpec.from_dict(row["spec"]).dependencies())
+    states = [state for name, state in row["others"] if name in upstream]
     if any(state in FAILED_TASK_STATES for state in states):
         return "blocked"
     return "ready" if all(state == "succeeded" for state in states) else "wait"
