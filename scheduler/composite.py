@@ -35,7 +35,7 @@ from sqlalchemy import func, select, text
 
 from tracecore.dag_triggers import _trigger_jobs
 from tracecore.dags import Job
-from tracecore.db import db
+from tracecore.db import db, execute_one
 from tracecore.exceptions import NotFound
 from tracecore.triggers import TriggerFiring
 
@@ -189,8 +189,9 @@ def _evaluate_all(job_ids: list[uuid.UUID], now: datetime | None = None) -> list
     return made
 
 
-# One round trip on the hot path (after every successful task): the task's org and job, only
-# when some live composite of the org mentions the job's name (confirmed on the parsed tree).
+# One round trip on the hot path (after every successful task, on the autocommit connection): the
+# task's org and job, only when a live composite of the org mentions the job's name (confirmed
+# on the parsed tree).
 _NAMED_BY_A_COMPOSITE = text("""
 SELECT t.org_id, j.name FROM tasks AS t JOIN jobs AS j ON j.id = t.job_id
 WHERE t.id = :task_id AND t.state = 'succeeded'
@@ -202,11 +203,10 @@ WHERE t.id = :task_id AND t.state = 'succeeded'
 
 def on_task_succeeded(task_id: uuid.UUID | str) -> list[uuid.UUID]:
     """After a task succeeded: evaluate the composites naming its job; answers the task ids to enqueue."""
-    row = db.session.execute(_NAMED_BY_A_COMPOSITE, {"task_id": uuid.UUID(str(task_id))}).first()
-    db.session.rollback()
+    row = execute_one(_NAMED_BY_A_COMPOSITE, {"task_id": str(task_id)})
     if row is None:
         return []
-    return _evaluate_all(_composites(row.org_id, row.name))
+    return _evaluate_all(_composites(row["org_id"], row["name"]))
 
 
 def on_dataset_updated(org_id: uuid.UUID) -> list[uuid.UUID]:
