@@ -209,9 +209,11 @@ def on_task_succeeded(task_id: uuid.UUID | str) -> list[uuid.UUID]:
     return _evaluate_all(_composites(row["org_id"], row["name"]))
 
 
-def on_dataset_updated(org_id: uuid.UUID) -> list[uuid.UUID]:
-    """After an update in ``org_id``: evaluate its composites with conditions."""
-    return _evaluate_all(_composites(org_id, conditions_only=True))
+def on_dataset_updated(org_id: uuid.UUID, dataset_id: uuid.UUID) -> list[uuid.UUID]:
+    """After an update of ``dataset_id``: evaluate the org's composites with conditions over it."""
+    reading = [job_id for job_id in _composites(org_id, conditions_only=True)
+               if dataset_id in {dataset.id for dataset in conditions.input_datasets(db.session.get(Job, job_id))}]
+    return _evaluate_all(reading)
 
 
 def sweep(org_id: uuid.UUID | None = None, now: datetime | None = None) -> list[uuid.UUID]:

@@ -238,14 +238,15 @@ def _fire_idle(job: Job, now: datetime) -> uuid.UUID | None:
         return None
 
 
-def evaluate(job: Job, now: datetime, *, only: tuple[uuid.UUID, int] | None = None) -> list[uuid.UUID]:
+def evaluate(job: Job, now: datetime, *, only: tuple[uuid.UUID, int] | None = None,
+             inputs: Sequence[uuid.UUID] | None = None) -> list[uuid.UUID]:
     """Consume the job's pending updates (just ``only`` for the PerUpdate hook) and fire its idle
     timeout, under the job's lock, in the caller's transaction; answers the task ids made."""
     mode = watching(job)
     if mode is None:
         return []
     lock_job(job.id)  # from here on, what is pending cannot change under us
-    datasets = [dataset.id for dataset in conditions.input_datasets(job)]
+    datasets = inputs if inputs is not None else [dataset.id for dataset in conditions.input_datasets(job)]
     found = pending(job, datasets, now, only=only if mode == "PerUpdate" else None)
     made = _consume(job, found, mode=mode, now=now)
     if only is None:
@@ -264,8 +265,9 @@ def on_dataset_updated(dataset_id: uuid.UUID | str, version: int) -> list[uuid.U
         now = db.session.scalar(select(func.now()))
         made: list[uuid.UUID] = []
         for job in _watchers(dataset.org_id):
-            if dataset.id in {d.id for d in conditions.input_datasets(job)}:
-                made += evaluate(job, now, only=(dataset.id, int(version)))
+            inputs = [d.id for d in conditions.input_datasets(job)]
+            if dataset.id in inputs:
+                made += evaluate(job, now, only=(dataset.id, int(version)), inputs=inputs)
                 db.session.commit()
         return made
     except BaseException:

@@ -121,7 +121,7 @@ def dataset_updated(dataset_id: str, version: int) -> int:
     task_ids = reactive.on_dataset_updated(dataset_id, version)
     dataset = db.session.get(Dataset, uuid.UUID(dataset_id))
     if dataset is not None:
-        task_ids += composite.on_dataset_updated(dataset.org_id)
+        task_ids += composite.on_dataset_updated(dataset.org_id, dataset.id)
     for task_id in task_ids:
         current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
     return len(task_ids)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
+from scheduler import composite
 from scheduler.composite import fire_timeouts, on_task_succeeded, sweep
 from tests.conftest import Processes, Tenant, wait_for
-from tracecore import runs
+from tracecore import datasets, runs
 from tracecore.dags import Job
 from tracecore.db import db
 from tracecore.runs import Run, Task
@@ -126,8 +128,11 @@ def test_a_nested_tree_fires_once_per_round(app: Flask, client: FlaskClient, ten
 
 
 def test_a_when_node_joins_a_tree_through_the_query_service(app: Flask, client: FlaskClient, tenant: Tenant,
-                                                            processes: Processes) -> None:
+                                                            processes: Processes, monkeypatch: Any) -> None:
+    import workers.app
     from tests.integration.test_data_triggers import EMIT, READS_EMITTED, _publish
+
+    monkeypatch.setattr(workers.app, "dataset_updated", lambda *args: None)  # the hook is called below
 
     _put(client, tenant, [EMIT, _job("a"), _job("gated", inputs=READS_EMITTED, trigger={
         "all_of": ["a", {"when": "SELECT count(*) >= 2 FROM emitted"}]})])
@@ -136,7 +141,9 @@ def test_a_when_node_joins_a_tree_through_the_query_service(app: Flask, client: 
     _succeed(app, tenant.org_id, "a")
     assert sweep(tenant.org_id) == []  # one row: the condition is false
     _publish(app, tenant.org_id, "emit", [{"k": 2}])
-    assert len(sweep(tenant.org_id)) == 1  # a succeeded this round, and now the condition holds
+    emitted = datasets.get_dataset(tenant.org_id, "emitted").id
+    assert composite.on_dataset_updated(tenant.org_id, uuid.uuid4()) == []  # not an input of gated
+    assert len(composite.on_dataset_updated(tenant.org_id, emitted)) == 1  # a succeeded, the condition holds
     assert sweep(tenant.org_id) == []  # round 1: a has not run again
 
 
