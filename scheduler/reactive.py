@@ -146,7 +146,7 @@ def batch_window(updates: Sequence[Update]) -> dict[str, Any]:
     return window
 
 
-def _gate(job: Job, updates: Sequence[Update]) -> tuple[bool, str | None]:
+def _gate(job: Job) -> tuple[bool, str | None]:
     """(fire?, why not) from the job's ``when`` condition; no condition: fire."""
     trigger = (job.spec or {}).get("trigger")
     if not trigger:
@@ -193,7 +193,7 @@ def _consume(job: Job, updates: Sequence[Update], *, mode: str, now: datetime) -
 
 
 def _fire(job: Job, updates: Sequence[Update], *, cause: str, window: dict[str, Any]) -> uuid.UUID | None:
-    fire, why_not = _gate(job, updates)
+    fire, why_not = _gate(job)
     if not fire:
         outcome = "skipped" if why_not == "condition false" else "error"
         for update in updates:
