@@ -260,6 +260,16 @@ def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_firings(args: argparse.Namespace, settings: Settings) -> int:
+    found = Client(settings).call("GET", f"/v1/jobs/{args.job}/firings", params={"limit": args.limit})
+    for firing in found:
+        print(f"{firing['created_at']}  {firing['outcome']:<8} {firing['key']:<48} {firing['run_id'] or '-':<36} "
+              f"{firing['detail'] or ''}")
+    if not found:
+        print("no firings")
+    return 0
+
+
 def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     body = {"name": args.name or ""}
     if args.email:
@@ -312,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--job")
     runs.add_argument("--status")
     runs.set_defaults(func=cmd_runs)
+    firings = commands.add_parser("firings", help="what a job's data, idle and composite triggers did, and why")
+    firings.add_argument("job")
+    firings.add_argument("--limit", type=int, default=20)
+    firings.set_defaults(func=cmd_firings)
     token = commands.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
     create = token.add_parser("create", help="issue a token (shown once)")
     create.add_argument("--name")

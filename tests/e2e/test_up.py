@@ -62,7 +62,9 @@ def test_up_serves_runs_jobs_and_stops_cleanly(tmp_path: Path) -> None:
 
         # The README's example, through the CLI.
         dag_file = tmp_path / "hello.yaml"
-        dag_file.write_text("- name: hello\n  runtime: platform\n  operator: noop\n")
+        dag_file.write_text("- name: hello\n  runtime: platform\n  operator: noop\n"
+                            "- name: after_hello\n  runtime: platform\n  operator: noop\n"
+                            "  trigger: {any_of: [hello]}\n")
         applied = _cli(home, port, "apply", str(dag_file))
         assert applied.returncode == 0 and "dag hello version 1" in applied.stdout, applied.stderr
         ran = _cli(home, port, "run", "hello", "--wait")
@@ -70,6 +72,14 @@ def test_up_serves_runs_jobs_and_stops_cleanly(tmp_path: Path) -> None:
         assert "succeeded" in ran.stdout
         listed = _cli(home, port, "runs", "--job", "hello")
         assert listed.returncode == 0 and "succeeded" in listed.stdout
+        # The composite trigger fired once, from the worker that ran hello; the ledger says so.
+        deadline = time.monotonic() + 30
+        while "fired" not in (firings := _cli(home, port, "firings", "after_hello")).stdout:
+            assert time.monotonic() < deadline, firings.stdout + firings.stderr
+            time.sleep(0.5)
+        assert firings.returncode == 0 and "composite:0" in firings.stdout and "hello succeeded" in firings.stdout
+        unknown = _cli(home, port, "firings", "nope")
+        assert unknown.returncode == 1 and "not_found" in unknown.stderr
 
         # A bad file gets a clear message and a non-zero exit, not a traceback.
         bad = tmp_path / "bad.yaml"
