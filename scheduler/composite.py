@@ -221,5 +221,3 @@ def sweep(org_id: uuid.UUID | None = None, now: datetime | None = None) -> list[
     return _evaluate_all(_composites(org_id), now)
 
 
-fire_timeouts = sweep  # the name the beat and older callers know
-

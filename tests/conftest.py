@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -232,3 +233,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: flo
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+def leased_capability(app: Flask, org_id: uuid.UUID, job: str) -> Any:
+    """A capability token for a fresh manual run of ``job``, leased as a worker would (for
+    publishing as that job's task without a sandbox)."""
+    from tracecore import lease, publish, runs, tokens
+    from tracecore.appctx import settings_of
+
+    _, task_id = runs.create_run(org_id=org_id, job_name=job, cause="manual", triggered_by=None)
+    db.session.commit()
+    held = lease.take(task_id, "test-worker", 60.0)
+    assert held is not None
+    inputs = publish.pinned_inputs(held.org_id, held.job_spec)
+    db.session.rollback()
+    return tokens.for_lease(held, settings_of(app), inputs=inputs)

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from scheduler import composite
-from scheduler.composite import fire_timeouts, on_task_succeeded, sweep
+from scheduler.composite import on_task_succeeded, sweep
 from tests.conftest import Processes, Tenant, wait_for
 from tracecore import datasets, runs
 from tracecore.dags import Job
@@ -76,12 +76,12 @@ def test_any_of_with_a_timeout_fires_at_the_timeout_and_not_again(app: Flask, cl
                                                                   tenant: Tenant, processes: Processes) -> None:
     _put(client, tenant, [DAG[0], DAG[4]])
     a_task = _start(app, tenant.org_id, "a", send=False)  # created in this window, never completes (yet)
-    assert fire_timeouts(tenant.org_id) == []  # not yet
+    assert sweep(tenant.org_id) == []  # not yet
     assert _runs(tenant.org_id, "timed") == 0
     time.sleep(2.2)
-    fired = fire_timeouts(tenant.org_id)
+    fired = sweep(tenant.org_id)
     assert len(fired) == 1
-    assert fire_timeouts(tenant.org_id) == []  # the window fired: once
+    assert sweep(tenant.org_id) == []  # the window fired: once
     processes.worker()
     enqueue(app, fired[0])  # what the beat does after its poll
     assert wait_for(lambda: _runs(tenant.org_id, "timed", "succeeded") == 1, timeout=60)
@@ -89,7 +89,7 @@ def test_any_of_with_a_timeout_fires_at_the_timeout_and_not_again(app: Flask, cl
     assert wait_for(lambda: _runs(tenant.org_id, "a", "succeeded") == 1, timeout=60)
     time.sleep(1)
     assert _runs(tenant.org_id, "timed") == 1
-    assert fire_timeouts(tenant.org_id) == []  # no upstream activity since: no new window
+    assert sweep(tenant.org_id) == []  # no upstream activity since: no new window
 
 
 def test_the_beat_poll_fires_the_timeout_once(app: Flask, client: FlaskClient, tenant: Tenant,

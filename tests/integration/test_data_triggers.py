@@ -15,8 +15,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from scheduler import reactive
-from tests.conftest import Processes, Tenant, wait_for
-from tracecore import dag_runs, datasets, lease, publish, runs, tokens
+from tests.conftest import Processes, Tenant, leased_capability, wait_for
+from tracecore import dag_runs, datasets, lease, publish
 from tracecore.appctx import settings_of
 from tracecore.dags import Job
 from tracecore.db import db
@@ -114,13 +114,7 @@ def test_idle_timeout_runs_the_job_once_per_idle_period_and_an_update_resets_it(
 
 def _publish(app: Flask, org_id: uuid.UUID, job: str, rows: list[dict[str, Any]]) -> int | None:
     """Publish rows as a task of ``job`` would (a real lease and capability token)."""
-    _, task_id = runs.create_run(org_id=org_id, job_name=job, cause="manual", triggered_by=None)
-    db.session.commit()
-    held = lease.take(task_id, "test-worker", 60.0)
-    assert held is not None
-    inputs = publish.pinned_inputs(held.org_id, held.job_spec)
-    db.session.rollback()
-    capability = tokens.for_lease(held, settings_of(app), inputs=inputs)
+    capability = leased_capability(app, org_id, job)
     return publish.publish_rows(capability, None, rows, store=object_store(settings_of(app))).version
 
 

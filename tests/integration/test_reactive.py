@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from scheduler.reactive import on_dataset_updated
-from tests.conftest import Processes, Tenant, wait_for
+from tests.conftest import Processes, Tenant, leased_capability, wait_for
 from tracecore import datasets
 from tracecore.db import db
 from tracecore.runs import Run, Task
@@ -84,7 +84,7 @@ def test_the_celery_hook_runs_the_reactive_job_with_a_real_worker(app: Flask, cl
 def test_a_publish_that_makes_a_version_sends_the_hook_and_one_that_changes_nothing_does_not(
         app: Flask, client: FlaskClient, tenant: Tenant, monkeypatch: Any) -> None:
     import workers.app
-    from tracecore import lease, publish, runs, tokens
+    from tracecore import publish
     from tracecore.appctx import settings_of
     from tracecore.storage import object_store
 
@@ -99,13 +99,7 @@ def test_a_publish_that_makes_a_version_sends_the_hook_and_one_that_changes_noth
     sent: list[tuple[str, int]] = []
     monkeypatch.setattr(workers.app, "dataset_updated", lambda _app, dataset_id, version: sent.append(
         (str(dataset_id), version)))
-    _, task_id = runs.create_run(org_id=tenant.org_id, job_name="emit", cause="manual", triggered_by=None)
-    db.session.commit()
-    held = lease.take(task_id, "test-worker", 60.0)
-    assert held is not None
-    inputs = publish.pinned_inputs(held.org_id, held.job_spec)
-    db.session.rollback()
-    capability = tokens.for_lease(held, settings_of(app), inputs=inputs)
+    capability = leased_capability(app, tenant.org_id, "emit")
     store = object_store(settings_of(app))
     first = publish.publish_rows(capability, None, [{"k": 1}, {"k": 2}], store=store)
     publish.publish_rows(capability, None, [{"k": 1}], store=store)  # nothing new: no version, no hook
