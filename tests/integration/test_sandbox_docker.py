@@ -460,6 +460,27 @@ def test_token_never_appears_in_logs(sandbox: Sandbox, tmp_path: Path) -> None:
     assert outcome.stack_trace and "trace.py" in outcome.stack_trace
 
 
+INTERLEAVED = """
+    import sys
+
+
+    def handler(event, context):
+        for i in range(event["n"]):
+            sys.stdout.write(f"o{i} ")
+            sys.stderr.write(f"e{i} ")
+"""
+
+
+def test_stdout_and_stderr_are_one_stream_in_write_order(sandbox: Sandbox, tmp_path: Path) -> None:
+    # Two pipes let the engine reorder writes across them; the runtime gives the handler one.
+    n = 300
+    bundle = write_bundle(tmp_path / "bundle", {"trace.py": INTERLEAVED})
+    outcome, _ = sandbox.run(bundle, event={"n": n})
+    assert_ok(outcome)
+    expected = "".join(f"o{i} e{i} " for i in range(n))
+    assert expected in outcome.logs
+
+
 STRADDLE = """
     import os
     import sys

@@ -216,11 +216,13 @@ def _flush_stdio() -> None:
 
 def _detach_child(cwd: str) -> None:
     """In a fresh child: its own session (so the process-group kill reaches everything it starts), stdin
-    on /dev/null, the task root as working directory."""
+    on /dev/null, stderr on stdout's pipe (one log stream in write order, as Lambda's log stream: two
+    pipes would let the engine interleave them mid-line), the task root as working directory."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    os.dup2(1, 2)
     os.chdir(cwd)
 
 
