@@ -16,6 +16,8 @@ from flask import Flask
 
 from tracecore.appctx import create_base_app, settings_of
 
+from . import messages
+
 EXECUTE_TASK = "trace.execute_task"
 # One task of a DAG run, as a signature of the run's canvas (scheduler/canvas.py); keeps its result (chords).
 EXECUTE_DAG_TASK = "trace.execute_dag_task"
@@ -61,9 +63,14 @@ def make_celery(flask_app: Flask) -> Celery:
 
 
 def enqueue(flask_app: Flask, task_id: uuid.UUID | str, countdown: float | None = None) -> None:
-    """Send ``execute_task`` for a committed task row."""
+    """Send ``execute_task`` for a committed task row (straight onto a Redis queue when it can:
+    workers/messages.py)."""
     celery: Celery = flask_app.extensions["celery"]
-    celery.send_task(EXECUTE_TASK, args=[str(task_id)], countdown=countdown, ignore_result=True)
+    queue = None if countdown else messages.direct_queue(celery)
+    if queue is not None:
+        messages.publish(celery, queue, EXECUTE_TASK, [str(task_id)])
+    else:
+        celery.send_task(EXECUTE_TASK, args=[str(task_id)], countdown=countdown, ignore_result=True)
 
 
 def dataset_updated(flask_app: Flask, dataset_id: uuid.UUID | str, version: int) -> None:
