@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +32,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .db import Base, created_at, db, execute_one, uuid_pk
-from .exceptions import NotFound, ValidationError
+from .exceptions import NotFound, TraceError, ValidationError
+from .settings import Settings
 
 RUN_CAUSES = ("schedule", "webhook", "data", "dependency", "composite", "manual", "rerun", "refresh", "idle")
 
@@ -245,32 +247,94 @@ def attempts_of(task_ids: list[uuid.UUID]) -> list[Attempt]:
                                    .order_by(Attempt.task_id, Attempt.number)))
 
 
-_CREATE_RUN = text("""
-WITH job AS (
-  SELECT id, coalesce((spec->>'max_retries')::int, 3) AS max_retries FROM jobs
-  WHERE org_id = :org_id AND name = :job_name AND deleted_at IS NULL
-), run AS (
+_RUN_AND_TASK = """
+run AS (
   INSERT INTO runs (id, org_id, job_id, dag_id, cause, triggered_by, parameters, config_overrides, state,
                     open_tasks, failed_tasks)
   SELECT :run_id, :org_id, job.id, :dag_id, :cause, :triggered_by, CAST(:parameters AS jsonb),
          CAST(:config_overrides AS jsonb), 'queued', 1, 0 FROM job
+  WHERE {admitted}
   RETURNING id
-)
-INSERT INTO tasks (id, org_id, run_id, job_id, partition_key, "window", state, fence, attempts_count, max_retries)
-SELECT :task_id, :org_id, run.id, job.id, '', CAST(:window AS jsonb), 'queued', 0, 0, job.max_retries FROM run, job
-RETURNING id
+), task AS (
+  INSERT INTO tasks (id, org_id, run_id, job_id, partition_key, "window", state, fence, attempts_count,
+                     max_retries)
+  SELECT :task_id, :org_id, run.id, job.id, '', CAST(:window AS jsonb), 'queued', 0, 0, job.max_retries
+  FROM run, job
+  RETURNING id
+)"""
+_JOB = """job AS (
+  SELECT id, coalesce((spec->>'max_retries')::int, 3) AS max_retries FROM jobs
+  WHERE org_id = :org_id AND name = :job_name AND deleted_at IS NULL
+)"""
+# The org's count of API-triggered runs in the current fixed window (by the database's clock),
+# upserted under the row's lock: two API processes cannot both admit the last run of a window.
+_RATE = """rate AS (
+  INSERT INTO org_run_rate AS counted (org_id, window_index, runs)
+  VALUES (:org_id, floor(extract(epoch FROM now()) / :rate_window), 1)
+  ON CONFLICT (org_id) DO UPDATE
+    SET runs = CASE WHEN counted.window_index = EXCLUDED.window_index THEN counted.runs + 1 ELSE 1 END,
+        window_index = EXCLUDED.window_index
+  RETURNING runs, CAST(ceil((window_index + 1) * :rate_window - extract(epoch FROM now())) AS integer)
+            AS retry_after
+)"""
+_CREATE_RUN = text(f"WITH {_JOB}, {_RUN_AND_TASK.format(admitted='true')} SELECT id FROM task")
+_CREATE_COUNTED_RUN = text(f"""
+WITH {_RATE}, {_JOB}, {_RUN_AND_TASK.format(admitted='(SELECT runs FROM rate) <= :rate_limit')}
+SELECT (SELECT id FROM task) AS id, rate.runs, rate.retry_after FROM rate
 """)
+_COUNT_RUN = text(f"WITH {_RATE} SELECT runs, retry_after FROM rate")
+
+
+class RateLimited(TraceError):
+    """Past the org's limit of API-triggered runs (TRACE_RUN_RATE_LIMIT per TRACE_RUN_RATE_WINDOW)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, retry_after: int, limit: int, window: int) -> None:
+        super().__init__(f"more than {limit} API-triggered runs in {window} s for this org; retry later",
+                         details={"retry_after": retry_after, "limit": limit, "window_s": window})
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Count the run against the org's window of API-triggered runs; refuse it past ``limit``."""
+
+    limit: int
+    window: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> RateLimit:
+        return cls(limit=settings.run_rate_limit, window=max(1, int(settings.run_rate_window)))
+
+    def params(self) -> dict[str, int]:
+        return {"rate_limit": self.limit, "rate_window": self.window}
+
+    def check(self, row: dict[str, Any]) -> None:
+        if row["runs"] > self.limit:
+            raise RateLimited(max(1, row["retry_after"]), self.limit, self.window)
+
+
+def count_api_run(org_id: uuid.UUID, rate: RateLimit) -> None:
+    """Count one API-triggered run that is not a single-job run (a DAG run, a re-run, a webhook's);
+    raise RateLimited past the limit. Its own statement: the caller's transaction holds no row lock."""
+    row = execute_one(_COUNT_RUN, {"org_id": org_id, **rate.params()})
+    assert row is not None
+    rate.check(row)
 
 
 def create_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uuid.UUID | None,
                parameters: dict[str, Any] | None = None, config_overrides: dict[str, Any] | None = None,
                window: dict[str, Any] | None = None, dag_id: uuid.UUID | None = None,
-               commit_now: bool = False) -> tuple[uuid.UUID, uuid.UUID]:
+               commit_now: bool = False, rate: RateLimit | None = None) -> tuple[uuid.UUID, uuid.UUID]:
     """Insert a single-task run of a live job in one statement; answers (run id, task id).
 
     The caller commits, then enqueues the task; with ``commit_now`` the statement is its own
     (durable) transaction outside the session, which saves the session's BEGIN and COMMIT round
-    trips on the manual-trigger path. A missing job (or another org's) is NotFound.
+    trips on the manual-trigger path. With ``rate`` (needs ``commit_now``) the same statement counts
+    the run against the org's rate limit and inserts nothing past it (RateLimited). A missing job
+    (or another org's) is NotFound.
     """
     run_id, task_id = uuid.uuid4(), uuid.uuid4()
     params = {
@@ -278,7 +342,18 @@ def create_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uu
         "cause": cause, "triggered_by": triggered_by, "parameters": json.dumps(parameters or {}),
         "config_overrides": json.dumps(config_overrides or {}), "window": json.dumps(window or {}),
     }
-    inserted = execute_one(_CREATE_RUN, params) if commit_now else db.session.execute(_CREATE_RUN, params).first()
+    if rate is not None:
+        if not commit_now:
+            raise ValueError("a rate-limited run is counted in its own transaction: pass commit_now=True")
+        inserted = execute_one(_CREATE_COUNTED_RUN, {**params, **rate.params()})
+        assert inserted is not None
+        rate.check(inserted)
+        if inserted["id"] is None:
+            inserted = None
+    elif commit_now:
+        inserted = execute_one(_CREATE_RUN, params)
+    else:
+        inserted = db.session.execute(_CREATE_RUN, params).first()
     if inserted is None:
         raise NotFound(f"no job named {job_name!r}")
     return run_id, task_id

@@ -53,7 +53,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from . import runs
 from .dags import Job
 from .db import Base, created_at, db, uuid_pk
-from .exceptions import NotFound, TraceError, Unauthenticated
+from .exceptions import NotFound, Unauthenticated
 from .settings import Settings
 
 SIGNATURE_TOLERANCE_S = 300
@@ -285,34 +285,10 @@ def parse_body(body: bytes) -> dict[str, Any]:
 # --- rate limit ---------------------------------------------------------------------------------------------
 
 
-class RateLimited(TraceError):
-    code = "rate_limited"
-    http_status = 429
-
-    def __init__(self, retry_after: int, limit: int, window: int) -> None:
-        super().__init__(f"more than {limit} API-triggered runs in {window} s for this org; retry later",
-                         details={"retry_after": retry_after, "limit": limit, "window_s": window})
-        self.retry_after = retry_after
-
-
-def check_run_rate(settings: Settings, org_id: uuid.UUID, redis_client: Any, now: float | None = None) -> None:
-    """A fixed window per org: raise RateLimited past ``run_rate_limit`` runs per window."""
-    window = max(1, int(settings.run_rate_window))
-    now = now or time.time()
-    index = int(now // window)
-    key = f"trace:run-rate:{org_id}:{index}"
-    pipe = redis_client.pipeline()
-    pipe.incr(key)
-    pipe.expire(key, window + 5)
-    count = pipe.execute()[0]
-    if count > settings.run_rate_limit:
-        raise RateLimited(max(1, math.ceil((index + 1) * window - now)), settings.run_rate_limit, window)
-
-
 def ticks_for(job_id: uuid.UUID) -> list[ScheduledTick]:
     return list(db.session.scalars(select(ScheduledTick).where(ScheduledTick.job_id == job_id)
                                    .order_by(ScheduledTick.scheduled_for)))
 
 
-__all__ = ["RateLimited", "Schedule", "ScheduledTick", "WebhookTrigger", "check_run_rate", "create_webhook",
+__all__ = ["Schedule", "ScheduledTick", "WebhookTrigger", "create_webhook",
            "due_ticks", "fire_due", "get_webhook", "set_paused", "sync_schedules", "verify_webhook"]

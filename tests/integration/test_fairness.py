@@ -1,4 +1,5 @@
-"""Fairness at lease time: per-org caps on running tasks and per-job max_concurrency.
+"""Fairness: per-org caps on running tasks and per-job max_concurrency at lease time; the per-org
+rate limit of API-triggered runs.
 
 Real PostgreSQL, Redis and worker processes. A sampler counts the running tasks (state
 ``running`` with a live lease) in one snapshot, over and over, while the workers drain
@@ -9,18 +10,21 @@ refused for capacity goes back to the queue; it is never lost).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
 import tests.conftest as conftest
 from tests.conftest import Processes, Tenant, wait_for
-from tests.integration.test_execution import ping_workers, put_dag, read_run, trigger
+from tests.integration.test_execution import NOOP, ping_workers, put_dag, read_run, trigger
 from tracecore.dag_spec import JobSpec
-from tracecore.db import sqlalchemy_url
-from tracecore.settings import Settings
+from tracecore.db import db, sqlalchemy_url
+from tracecore.settings import Settings, configure
 
 ORG_CAP = 3
 
@@ -161,3 +165,72 @@ def test_a_dag_run_over_the_org_cap_waits_and_finishes(
     assert run["status"] == "succeeded", run
     assert {task["status"] for task in run["tasks"]} == {"succeeded"}
     assert max(sampled.samples) <= ORG_CAP, sampled.samples
+
+
+# --- the per-org rate limit of API-triggered runs ---------------------------------------------------------
+
+
+def _limit(client: FlaskClient, settings: Settings, limit: int, window: int = 60) -> None:
+    client.application.config["TRACE_SETTINGS"] = configure(replace(settings, run_rate_limit=limit,
+                                                                    run_rate_window=window))
+
+
+def _runs_of(org_id: object) -> int:
+    db.session.rollback()
+    return int(db.session.scalar(text("SELECT count(*) FROM runs WHERE org_id = :o"), {"o": org_id}) or 0)
+
+
+def test_a_manual_trigger_past_the_rate_limit_is_429_and_inserts_no_run(
+        client: FlaskClient, make_tenant: Callable[[str], Tenant], settings: Settings) -> None:
+    acme, other = make_tenant("acme"), make_tenant("other")
+    _limit(client, settings, limit=2)
+    for tenant in (acme, other):
+        put_dag(client, tenant, "hello", NOOP)
+    for _ in range(2):
+        trigger(client, acme, "hello")
+    limited = client.post("/v1/jobs/hello/runs", json={}, headers=acme.headers("writer"))
+    assert limited.status_code == 429, limited.json
+    assert limited.json["error"]["code"] == "rate_limited"
+    assert limited.json["error"]["details"]["limit"] == 2
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert _runs_of(acme.org_id) == 2  # the refused trigger left nothing behind
+    trigger(client, other, "hello")  # the limit is per org
+    # A missing job past the limit is still 429 (the limit is checked first); under it, 404.
+    assert client.post("/v1/jobs/nope/runs", json={}, headers=acme.headers("writer")).status_code == 429
+    assert client.post("/v1/jobs/nope/runs", json={}, headers=other.headers("writer")).status_code == 404
+
+
+def test_the_rate_window_starts_afresh(client: FlaskClient, tenant: Tenant, settings: Settings) -> None:
+    _limit(client, settings, limit=1, window=1)
+    put_dag(client, tenant, "hello", NOOP)
+
+    def admitted() -> bool:
+        return client.post("/v1/jobs/hello/runs", json={}, headers=tenant.headers("writer")).status_code == 202
+
+    wait_for(admitted, timeout=5, interval=0.05, message="a run admitted in a fresh window")
+    assert not admitted()  # the same window: refused
+    wait_for(admitted, timeout=5, interval=0.1, message="the next window to admit a run")
+
+
+def test_concurrent_triggers_never_pass_the_limit(app: Flask, client: FlaskClient, tenant: Tenant,
+                                                  settings: Settings) -> None:
+    _limit(client, settings, limit=10)
+    put_dag(client, tenant, "hello", NOOP)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def burst() -> None:
+        own = app.test_client()
+        with app.app_context():
+            for _ in range(4):
+                status = own.post("/v1/jobs/hello/runs", json={}, headers=tenant.headers("writer")).status_code
+                with lock:
+                    statuses.append(status)
+
+    threads = [threading.Thread(target=burst) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(statuses) == [202] * 10 + [429] * 14
+    assert _runs_of(tenant.org_id) == 10

@@ -8,7 +8,7 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from scheduler import canvas
-from tracecore import dag_runs
+from tracecore import dag_runs, runs
 from tracecore.db import db
 from tracecore.orgs import Role
 
@@ -40,8 +40,9 @@ class DagRunCreated(Schema):
 @blp.arguments(DagRunCreate)
 @blp.response(202, DagRunCreated)
 @blp.alt_response(429, description="Past the org's rate limit of API-triggered runs (Retry-After)")
-def run_dag(body: dict, name: str) -> ResponseReturnValue:
+def run_dag(body: dict, name: str, rate: runs.RateLimit) -> ResponseReturnValue:
     principal = current(Role.writer)
+    runs.count_api_run(principal.org_id, rate)
     run_id, task_ids, spec = dag_runs.start_dag(principal.org_id, name, triggered_by=principal.user_id,
                                                 parameters=body["parameters"])
     db.session.commit()
@@ -54,8 +55,9 @@ def run_dag(body: dict, name: str) -> ResponseReturnValue:
 @blp.arguments(RerunCreate)
 @blp.response(202, DagRunCreated)
 @blp.alt_response(429, description="Past the org's rate limit of API-triggered runs (Retry-After)")
-def rerun(body: dict, run_id: str) -> ResponseReturnValue:
+def rerun(body: dict, run_id: str, rate: runs.RateLimit) -> ResponseReturnValue:
     principal = current(Role.writer)
+    runs.count_api_run(principal.org_id, rate)
     new_id, task_ids, spec = dag_runs.rerun(org_id=principal.org_id, run_id=run_id, scope=body["scope"],
                                             job=body["job"], triggered_by=principal.user_id)
     db.session.commit()

@@ -117,11 +117,12 @@ def _run_out(run: runs.Run, *, detail: bool, names: dict) -> dict:
 @rate_limited_runs
 @blp.arguments(RunCreate)
 @blp.response(202, RunCreated)
-def trigger_job(body: dict, name: str) -> ResponseReturnValue:
+@blp.alt_response(429, description="Past the org's rate limit of API-triggered runs (Retry-After)")
+def trigger_job(body: dict, name: str, rate: runs.RateLimit) -> ResponseReturnValue:
     principal = current(Role.writer)
     run_id, task_id = runs.create_run(org_id=principal.org_id, job_name=name, cause="manual",
                                       triggered_by=principal.user_id, parameters=body["parameters"],
-                                      config_overrides=body["config"], commit_now=True)
+                                      config_overrides=body["config"], commit_now=True, rate=rate)
     enqueue(current_app, task_id)
     return {"run_id": run_id}
 
