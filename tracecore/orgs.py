@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -123,6 +124,7 @@ def add_member(org: Org, user: User, role: Role) -> Membership:
     else:
         membership.role = role.name
     db.session.flush()
+    forget_tokens()
     return membership
 
 
@@ -139,7 +141,8 @@ def issue_token(org_id: uuid.UUID, user_id: uuid.UUID, name: str = "") -> tuple[
 
 
 _AUTHENTICATE = text("""
-SELECT api_tokens.id, api_tokens.org_id, api_tokens.user_id, memberships.role, users.is_installation_admin
+SELECT api_tokens.id, api_tokens.org_id, api_tokens.user_id, memberships.role, users.is_installation_admin,
+       EXTRACT(EPOCH FROM api_tokens.expires_at - now()) AS expires_in
 FROM api_tokens
 JOIN memberships ON memberships.org_id = api_tokens.org_id AND memberships.user_id = api_tokens.user_id
 JOIN users ON users.id = api_tokens.user_id
@@ -147,18 +150,43 @@ WHERE api_tokens.token_hash = :token_hash AND api_tokens.revoked_at IS NULL
   AND (api_tokens.expires_at IS NULL OR api_tokens.expires_at > now())
 """)
 
+# token hash -> (monotonic deadline, principal): tokens this process authenticated lately.
+_recent: dict[str, tuple[float, Principal]] = {}
+_RECENT_MAX = 10_000
 
-def authenticate(clear: str) -> Principal:
+
+def authenticate(clear: str, *, trust_for: float = 0.0) -> Principal:
     """Resolve a bearer token in one query; an unknown, revoked or expired token is 401.
 
     Every API request pays for this: one autocommit statement outside the request's session
-    (no pre-ping, BEGIN or ROLLBACK round trips, no ORM compilation).
+    (no pre-ping, BEGIN or ROLLBACK round trips, no ORM compilation). With ``trust_for`` > 0
+    (TRACE_TOKEN_TRUST_SECONDS) a token this process resolved within that many seconds is
+    not asked about again: a revocation or role change made by another process takes effect
+    here within that time (this process's own changes clear it at once: :func:`forget_tokens`).
     """
-    row = execute_one(_AUTHENTICATE, {"token_hash": hash_token(clear)})
+    token_hash = hash_token(clear)
+    if trust_for > 0:
+        recent = _recent.get(token_hash)
+        if recent is not None and recent[0] > time.monotonic():
+            return recent[1]
+    row = execute_one(_AUTHENTICATE, {"token_hash": token_hash})
     if row is None:
+        _recent.pop(token_hash, None)
         raise Unauthenticated("unknown, revoked or expired token")
-    return Principal(user_id=row["user_id"], org_id=row["org_id"], role=Role[row["role"]],
-                     is_installation_admin=row["is_installation_admin"], token_id=row["id"])
+    principal = Principal(user_id=row["user_id"], org_id=row["org_id"], role=Role[row["role"]],
+                          is_installation_admin=row["is_installation_admin"], token_id=row["id"])
+    if trust_for > 0:
+        if len(_recent) >= _RECENT_MAX:
+            _recent.clear()
+        expires_in = row["expires_in"]
+        _recent[token_hash] = (time.monotonic() + min(trust_for, float("inf") if expires_in is None
+                                                      else float(expires_in)), principal)
+    return principal
+
+
+def forget_tokens() -> None:
+    """Drop what :func:`authenticate` trusts: after this process changed a token, role or membership."""
+    _recent.clear()
 
 
 def revoke_token(org_id: uuid.UUID, token_id: uuid.UUID) -> None:
@@ -166,3 +194,4 @@ def revoke_token(org_id: uuid.UUID, token_id: uuid.UUID) -> None:
                                 .values(revoked_at=func.now()))
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise NotFound("no such token")
+    forget_tokens()

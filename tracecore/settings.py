@@ -107,6 +107,9 @@ class Settings:
     run_rate_limit: int = _setting(
         600, "Most API-triggered runs (manual and webhook) per org in one TRACE_RUN_RATE_WINDOW; past it: 429.")
     run_rate_window: int = _setting(60, "Seconds of the per-org window of TRACE_RUN_RATE_LIMIT.")
+    token_trust_seconds: float = _setting(
+        2.0, "Seconds an API process trusts a token it resolved before asking the database again "
+             "(a revocation or role change made elsewhere takes effect within this); 0: every request.")
     org_max_running: int = _setting(
         50, "Most tasks of one org running at once (live leases), enforced when a lease is taken; "
             "a task over the cap waits in the queue.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import g, request
+from flask import current_app, g, request
 
 from tracecore.exceptions import PermissionDenied, Unauthenticated
 from tracecore.orgs import Principal, Role, authenticate
@@ -20,7 +20,7 @@ def load_principal() -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("send Authorization: Bearer <api token>")
-    g.principal = authenticate(token.strip())
+    g.principal = authenticate(token.strip(), trust_for=current_app.config["TRACE_SETTINGS"].token_trust_seconds)
 
 
 def current(role: Role = Role.reader) -> Principal:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import func, select, update
+from sqlalchemy import create_engine, func, select, update
 
-from tests.conftest import Tenant
+from tests.conftest import Tenant, wait_for
 from tracecore import orgs
-from tracecore.db import db
+from tracecore.db import db, sqlalchemy_url
 from tracecore.exceptions import NotFound
 from tracecore.orgs import ApiToken, Role
+from tracecore.settings import Settings, configure
 
 HELLO = "- name: hello\n  runtime: platform\n  operator: noop\n  outputs: 1\n"
 YAML = {"Content-Type": "application/yaml"}
@@ -222,6 +224,7 @@ def test_revoked_expired_and_unknown_tokens_answer_401(client: FlaskClient, tena
     db.session.execute(update(ApiToken).where(ApiToken.id == expired.id)
                        .values(expires_at=func.now() - func.make_interval(0, 0, 0, 0, 1)))
     db.session.commit()
+    orgs.forget_tokens()  # the expiry was moved behind the API's back (see the trust tests below)
 
     cases = {
         "revoked": {"Authorization": f"Bearer {revoked_clear}"},
@@ -242,6 +245,67 @@ def test_revoked_expired_and_unknown_tokens_answer_401(client: FlaskClient, tena
             assert set(response.json) == {"error"} and response.json["error"]["message"]
     # The other tokens of the same user still work.
     assert client.get("/v1/me", headers=tenant.headers("writer")).status_code == 200
+
+
+# --- TRACE_TOKEN_TRUST_SECONDS: a token resolved lately is not asked about again ----------------------------
+
+
+def _trust(client: FlaskClient, settings: Settings, seconds: float) -> None:
+    client.application.config["TRACE_SETTINGS"] = configure(replace(settings, token_trust_seconds=seconds))
+
+
+def _revoke_elsewhere(token_id: uuid.UUID) -> None:
+    """Revoke as another API process would: this process is not told."""
+    engine = create_engine(sqlalchemy_url(str(db.engine.url.render_as_string(hide_password=False))))
+    with engine.begin() as connection:
+        connection.execute(update(ApiToken).where(ApiToken.id == token_id).values(revoked_at=func.now()))
+    engine.dispose()
+
+
+def _fresh_token(tenant: Tenant) -> tuple[uuid.UUID, dict[str, str]]:
+    member = db.session.scalar(select(orgs.User).where(orgs.User.email == "writer@acme.example"))
+    token, clear = orgs.issue_token(tenant.org_id, member.id)
+    db.session.commit()
+    return token.id, {"Authorization": f"Bearer {clear}"}
+
+
+def test_a_token_revoked_elsewhere_is_refused_once_the_trust_period_ends(
+        client: FlaskClient, tenant: Tenant, settings: Settings) -> None:
+    _trust(client, settings, 2.0)
+    token_id, headers = _fresh_token(tenant)
+    assert client.get("/v1/me", headers=headers).status_code == 200
+    _revoke_elsewhere(token_id)
+    assert client.get("/v1/me", headers=headers).status_code == 200  # trusted: the database was not asked
+    wait_for(lambda: client.get("/v1/me", headers=headers).status_code == 401, timeout=10, interval=0.1,
+             message="the revoked token to be refused after the trust period")
+
+
+def test_without_trust_every_request_asks_the_database(client: FlaskClient, tenant: Tenant,
+                                                       settings: Settings) -> None:
+    _trust(client, settings, 0)
+    token_id, headers = _fresh_token(tenant)
+    assert client.get("/v1/me", headers=headers).status_code == 200
+    _revoke_elsewhere(token_id)
+    assert client.get("/v1/me", headers=headers).status_code == 401
+
+
+def test_this_processs_own_revocations_and_role_changes_take_effect_at_once(
+        client: FlaskClient, tenant: Tenant, settings: Settings) -> None:
+    _trust(client, settings, 3600)
+    token_id, headers = _fresh_token(tenant)
+    assert client.get("/v1/me", headers=headers).status_code == 200
+    orgs.revoke_token(tenant.org_id, token_id)
+    db.session.commit()
+    assert client.get("/v1/me", headers=headers).status_code == 401
+    writer = tenant.headers("writer")
+    body = {"data": "- name: hello\n  runtime: platform\n  operator: noop\n"}
+    put = {"headers": {**writer, "Content-Type": "application/yaml"}, "data": body["data"]}
+    assert client.put("/v1/dags/trusted", **put).status_code == 200
+    org = db.session.get(orgs.Org, tenant.org_id)
+    member = db.session.scalar(select(orgs.User).where(orgs.User.email == "writer@acme.example"))
+    orgs.add_member(org, member, Role.reader)  # demoted
+    db.session.commit()
+    assert client.put("/v1/dags/trusted", **put).status_code == 403
 
 
 def test_revoking_is_scoped_to_the_org(client: FlaskClient, two_orgs: tuple[Tenant, Tenant]) -> None:
