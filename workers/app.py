@@ -8,10 +8,12 @@ message that is still being worked on to a second worker.
 
 from __future__ import annotations
 
+import gc
 import uuid
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import worker_process_init
 from flask import Flask
 
 from tracecore.appctx import create_base_app, settings_of
@@ -91,4 +93,8 @@ def create_worker_app() -> Celery:
     celery.autodiscover_tasks(["workers"], related_name="tasks", force=True)
     import workers.tasks  # noqa: F401  (registers the tasks on this app)
 
+    # Long-lived objects leave the collector's generations (see web/server.py), before the pool
+    # forks (children share the pages) and again in each child after its own start-up.
+    gc.freeze()
+    worker_process_init.connect(lambda **_: gc.freeze(), weak=False)
     return celery
