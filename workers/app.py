@@ -61,6 +61,8 @@ def make_celery(flask_app: Flask) -> Celery:
         },
     )
     flask_app.extensions["celery"] = celery
+    # Where enqueue() may LPUSH directly (None: through send_task); the configuration is fixed from here on.
+    flask_app.extensions["trace_direct_queue"] = messages.direct_queue(celery)
     return celery
 
 
@@ -68,7 +70,7 @@ def enqueue(flask_app: Flask, task_id: uuid.UUID | str, countdown: float | None 
     """Send ``execute_task`` for a committed task row (straight onto a Redis queue when it can:
     workers/messages.py)."""
     celery: Celery = flask_app.extensions["celery"]
-    queue = None if countdown else messages.direct_queue(celery)
+    queue = None if countdown else flask_app.extensions.get("trace_direct_queue")
     if queue is not None:
         messages.publish(celery, queue, EXECUTE_TASK, [str(task_id)])
     else:

@@ -12,13 +12,22 @@ from tracecore import dag_runs
 from tracecore import lease as leases
 
 from . import dispatcher
-from .app import BUFFER_PUBLISH, DATASET_UPDATED, EXECUTE_DAG_TASK, EXECUTE_TASK, PING, REAP_LEASES, REAP_SANDBOXES
+from .app import (
+    BUFFER_PUBLISH,
+    DATASET_UPDATED,
+    EXECUTE_DAG_TASK,
+    EXECUTE_TASK,
+    PING,
+    REAP_LEASES,
+    REAP_SANDBOXES,
+    enqueue,
+)
 
 log = logging.getLogger(__name__)
 
 
 def _enqueue(task_id: str, countdown: float) -> None:
-    current_app.send_task(EXECUTE_TASK, args=[task_id], countdown=countdown, ignore_result=True)
+    enqueue(flask_app._get_current_object(), task_id, countdown)  # type: ignore[attr-defined]
 
 
 @shared_task(name=EXECUTE_TASK, ignore_result=True)
@@ -63,7 +72,7 @@ def reap_leases() -> int:
             if dag_runs.gate(str(task_id)) == "ready":
                 current_app.send_task(EXECUTE_DAG_TASK, args=[str(task_id)])
         else:
-            current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
+            _enqueue(str(task_id), 0)
     return len(task_ids)
 
 
@@ -123,5 +132,5 @@ def dataset_updated(dataset_id: str, version: int) -> int:
     if dataset is not None:
         task_ids += composite.on_dataset_updated(dataset.org_id, dataset.id)
     for task_id in task_ids:
-        current_app.send_task(EXECUTE_TASK, args=[str(task_id)], ignore_result=True)
+        _enqueue(str(task_id), 0)
     return len(task_ids)
