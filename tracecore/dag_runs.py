@@ -12,6 +12,7 @@ downstream of it (:func:`cancel_downstream`), each counted as failed so the run 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, text
@@ -46,18 +47,89 @@ def descendants(spec: DagSpec, roots: list[str]) -> list[str]:
     return [name for name in spec.topological_order() if name in seen]
 
 
-def levels(spec: DagSpec, names: list[str]) -> list[list[str]]:
-    """The jobs ``names`` grouped by depth in the subgraph they form (upstreams outside it are ignored)."""
+@dataclass(frozen=True)
+class Series:
+    """Steps one after another: each starts once the whole step before it has finished."""
+
+    steps: tuple[Shape, ...]
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Steps that do not depend on each other."""
+
+    steps: tuple[Shape, ...]
+
+
+Shape = str | Series | Parallel  # a job name is one step
+
+
+def shape(spec: DagSpec, names: list[str]) -> Shape:
+    """How a run of the jobs ``names`` is laid out as a canvas (upstreams outside it are ignored).
+
+    Series-parallel DAGs (chains, fan-outs, fan-ins, diamonds, independent pipelines) come out
+    exact: every job waits for its own upstreams and nothing else, so a job with several
+    upstreams follows a parallel step over exactly them (in Celery, the callback of a chord over
+    them). A part that has no exact layout (say a -> c, b -> c, b -> d: d would wait for a) runs
+    level by level; there the database gate, not the canvas, decides when each job may start.
+    """
     chosen = set(names)
+    order = [name for name in spec.topological_order() if name in chosen]
+    upstream = {name: [up for up in spec.upstream(name) if up in chosen] for name in order}
+    ancestors: dict[str, frozenset[str]] = {}
+    for name in order:
+        ancestors[name] = frozenset(upstream[name]).union(*(ancestors[up] for up in upstream[name]))
+    return _shape(order, upstream, ancestors)
+
+
+def _shape(nodes: list[str], upstream: dict[str, list[str]], ancestors: dict[str, frozenset[str]]) -> Shape:
+    if len(nodes) == 1:
+        return nodes[0]
+    parts = _components(nodes, upstream)
+    if len(parts) > 1:
+        return Parallel(tuple(_shape(part, upstream, ancestors) for part in parts))
+    inside = set(nodes)
     depth: dict[str, int] = {}
-    for name in spec.topological_order():
-        if name in chosen:
-            depth[name] = 1 + max((depth[up] for up in spec.upstream(name) if up in chosen), default=-1)
-    out: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
-    for name in spec.topological_order():
-        if name in chosen:
-            out[depth[name]].append(name)
-    return out
+    for name in nodes:  # topological order
+        depth[name] = 1 + max((depth[up] for up in upstream[name] if up in inside), default=-1)
+    deepest = max(depth.values())
+    # A series cut, if one exists, splits the part at some depth: every job below the cut
+    # descends from every last job (sink) above it.
+    for cut in range(deepest):
+        head = [name for name in nodes if depth[name] <= cut]
+        tail = [name for name in nodes if depth[name] > cut]
+        sinks = set(head).difference(*(upstream[name] for name in head))
+        if all(sinks <= ancestors[name] for name in tail):
+            return _series(_shape(head, upstream, ancestors), _shape(tail, upstream, ancestors))
+    levels = [[name for name in nodes if depth[name] == level] for level in range(deepest + 1)]
+    return Series(tuple(level[0] if len(level) == 1 else Parallel(tuple(level)) for level in levels))
+
+
+def _series(first: Shape, then: Shape) -> Series:
+    steps: list[Shape] = []
+    for step in (first, then):
+        steps.extend(step.steps if isinstance(step, Series) else (step,))
+    return Series(tuple(steps))
+
+
+def _components(nodes: list[str], upstream: dict[str, list[str]]) -> list[list[str]]:
+    """The weakly connected parts of ``nodes``, each in the order given (union-find)."""
+    root = {name: name for name in nodes}
+
+    def find(name: str) -> str:
+        while root[name] != name:
+            root[name] = root[root[name]]
+            name = root[name]
+        return name
+
+    for name in nodes:
+        for up in upstream[name]:
+            if up in root:
+                root[find(up)] = find(name)
+    parts: dict[str, list[str]] = {}
+    for name in nodes:
+        parts.setdefault(find(name), []).append(name)
+    return list(parts.values())
 
 
 def create_dag_run(*, org_id: uuid.UUID, dag: Dag, job_names: list[str], cause: str,
