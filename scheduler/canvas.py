@@ -1,9 +1,10 @@
 """DAG runs as a Celery canvas, and the canvas task that runs one task of a DAG run.
 
-The canvas is a chain of levels: level 0 (jobs with no upstream in the run) is a group;
-each next level follows the previous as the body of a chord, so a job with several
-upstreams runs only once the chord over them has completed. All signatures are
-immutable (``.si``): results are not passed along, the database holds them.
+The canvas follows :func:`tracecore.dag_runs.shape`: a series is a chain, a parallel step a
+group, so jobs whose inputs are satisfied run as a group and a job with several upstreams is
+the callback of a chord over them (a group followed by a step is a chord in Celery). A part
+of the DAG with no exact layout runs level by level. All signatures are immutable (``.si``):
+results are not passed along, the database holds them.
 
 Correctness under at-least-once delivery does not rest on the chord:
 
@@ -47,12 +48,14 @@ class DagTaskFailed(RuntimeError):
 
 def build(celery: Celery, spec: DagSpec, task_ids: dict[str, uuid.UUID]) -> Signature:
     """The canvas of a DAG run over the jobs of ``task_ids``."""
-    steps: list[Signature] = []
-    for level in dag_runs.levels(spec, list(task_ids)):
-        signatures = [celery.signature(EXECUTE_DAG_TASK, args=[str(task_ids[name])], immutable=True)
-                      for name in level]
-        steps.append(signatures[0] if len(signatures) == 1 else group(signatures, app=celery))
-    return steps[0] if len(steps) == 1 else chain(*steps, app=celery)
+
+    def canvas(step: dag_runs.Shape) -> Signature:
+        if isinstance(step, str):
+            return celery.signature(EXECUTE_DAG_TASK, args=[str(task_ids[step])], immutable=True)
+        steps = [canvas(inner) for inner in step.steps]
+        return chain(*steps, app=celery) if isinstance(step, dag_runs.Series) else group(steps, app=celery)
+
+    return canvas(dag_runs.shape(spec, list(task_ids)))
 
 
 def start(celery: Celery, spec: DagSpec, task_ids: dict[str, uuid.UUID]) -> None:

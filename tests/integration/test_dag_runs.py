@@ -58,6 +58,38 @@ def test_a_diamond_runs_d_once_after_both_b_and_c(client: FlaskClient, tenant: T
     assert when(d["started_at"]) >= max(when(b["finished_at"]), when(c["finished_at"])), (b, c, d)
 
 
+def test_an_independent_pipeline_does_not_wait_for_a_slow_one(client: FlaskClient, tenant: Tenant,
+                                                               processes: Processes) -> None:
+    """slow -> after_slow beside fast -> after_fast: two chains in a group, so after_fast is done
+    while slow still sleeps (a level-by-level canvas would hold it behind slow)."""
+    body = job("slow").replace("seconds: 0.3", "seconds: 4") + job("after_slow", upstream=("slow",)) \
+        + job("fast") + job("after_fast", upstream=("fast",))
+    put_dag(client, tenant, "pipelines", body)
+    workers = [processes.worker("w1", concurrency=2)]
+    run = wait_run(client, tenant, start_dag(client, tenant, "pipelines"), processes, workers, timeout=60)
+    assert run["status"] == "succeeded", run
+    attempts = {name: task["attempts"][0] for name, task in by_job(run).items()}
+    assert when(attempts["after_fast"]["finished_at"]) < when(attempts["slow"]["finished_at"]), attempts
+    assert when(attempts["after_slow"]["started_at"]) >= when(attempts["slow"]["finished_at"])
+
+
+def test_nested_chords_run_every_job_once_after_its_upstreams(client: FlaskClient, tenant: Tenant,
+                                                               processes: Processes) -> None:
+    """a -> (b, c) -> d, then (d, e) -> f, and a lone g: a chord whose header holds a chord."""
+    edges = {"b": ("a",), "c": ("a",), "d": ("b", "c"), "f": ("d", "e")}
+    body = "".join(job(name, upstream=edges.get(name, ())) for name in "abcdefg")
+    put_dag(client, tenant, "nested", body)
+    workers = [processes.worker("w1", concurrency=2)]
+    run = wait_run(client, tenant, start_dag(client, tenant, "nested"), processes, workers, timeout=60)
+    assert run["status"] == "succeeded", run
+    tasks = by_job(run)
+    for task in tasks.values():
+        assert [a["status"] for a in task["attempts"]] == ["succeeded"], task
+    for name, ups in edges.items():
+        for up in ups:
+            assert when(tasks[name]["attempts"][0]["started_at"]) >= when(tasks[up]["attempts"][0]["finished_at"])
+
+
 def test_a_dead_lettered_upstream_cancels_its_downstream_and_fails_the_run(
         client: FlaskClient, tenant: Tenant, processes: Processes) -> None:
     body = (job("a") + job("b", "always_fail", "  max_retries: 0", upstream=("a",)) + job("c", upstream=("a",))
