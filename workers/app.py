@@ -25,6 +25,8 @@ EXECUTE_TASK = "trace.execute_task"
 EXECUTE_DAG_TASK = "trace.execute_dag_task"
 REAP_LEASES = "trace.reap_leases"
 PING = "trace.ping"
+# The worker's wall clock at a task's start and end: the raw Celery chain baseline of benchmarks/chain.py.
+CLOCK = "trace.clock"
 REAP_SANDBOXES = "trace.reap_sandboxes"
 BUFFER_PUBLISH = "trace.buffer_publish"
 # A dataset got a new version (sent after its commit): enqueue the reactive jobs downstream.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from celery import current_app, shared_task
@@ -14,6 +15,7 @@ from tracecore import lease as leases
 from . import dispatcher
 from .app import (
     BUFFER_PUBLISH,
+    CLOCK,
     DATASET_UPDATED,
     EXECUTE_DAG_TASK,
     EXECUTE_TASK,
@@ -94,6 +96,14 @@ def _tasks_of_dag_runs(task_ids: list) -> set:
 def ping() -> str:
     """A task that does nothing: checks a worker answers, and is the raw Celery baseline."""
     return "pong"
+
+
+@shared_task(name=CLOCK)
+def clock() -> list[float]:
+    """The worker's wall clock as the task starts and ends: a chain of these is the raw Celery
+    hop that benchmarks/chain.py measures beside a DAG run's hand-offs."""
+    started = time.time()
+    return [started, time.time()]
 
 
 @shared_task(name=REAP_SANDBOXES, ignore_result=True)
