@@ -64,6 +64,10 @@ class Parallel:
 Shape = str | Series | Parallel  # a job name is one step
 
 
+# Past this many nested steps a part is laid out level by level: Celery's canvas code recurses too.
+MAX_NESTING = 40
+
+
 def shape(spec: DagSpec, names: list[str]) -> Shape:
     """How a run of the jobs ``names`` is laid out as a canvas (upstreams outside it are ignored).
 
@@ -75,41 +79,41 @@ def shape(spec: DagSpec, names: list[str]) -> Shape:
     """
     chosen = set(names)
     order = [name for name in spec.topological_order() if name in chosen]
-    upstream = {name: [up for up in spec.upstream(name) if up in chosen] for name in order}
-    ancestors: dict[str, frozenset[str]] = {}
-    for name in order:
-        ancestors[name] = frozenset(upstream[name]).union(*(ancestors[up] for up in upstream[name]))
-    return _shape(order, upstream, ancestors)
+    return _shape(order, {name: [up for up in spec.upstream(name) if up in chosen] for name in order}, MAX_NESTING)
 
 
-def _shape(nodes: list[str], upstream: dict[str, list[str]], ancestors: dict[str, frozenset[str]]) -> Shape:
+def _shape(nodes: list[str], upstream: dict[str, list[str]], nesting: int) -> Shape:
     if len(nodes) == 1:
         return nodes[0]
     parts = _components(nodes, upstream)
-    if len(parts) > 1:
-        return Parallel(tuple(_shape(part, upstream, ancestors) for part in parts))
+    if len(parts) > 1 and nesting > 0:
+        return Parallel(tuple(_shape(part, upstream, nesting - 1) for part in parts))
     inside = set(nodes)
     depth: dict[str, int] = {}
     for name in nodes:  # topological order
         depth[name] = 1 + max((depth[up] for up in upstream[name] if up in inside), default=-1)
-    deepest = max(depth.values())
-    # A series cut, if one exists, splits the part at some depth: every job below the cut
-    # descends from every last job (sink) above it.
-    for cut in range(deepest):
-        head = [name for name in nodes if depth[name] <= cut]
-        tail = [name for name in nodes if depth[name] > cut]
-        sinks = set(head).difference(*(upstream[name] for name in head))
-        if all(sinks <= ancestors[name] for name in tail):
-            return _series(_shape(head, upstream, ancestors), _shape(tail, upstream, ancestors))
-    levels = [[name for name in nodes if depth[name] == level] for level in range(deepest + 1)]
-    return Series(tuple(level[0] if len(level) == 1 else Parallel(tuple(level)) for level in levels))
-
-
-def _series(first: Shape, then: Shape) -> Series:
-    steps: list[Shape] = []
-    for step in (first, then):
-        steps.extend(step.steps if isinstance(step, Series) else (step,))
-    return Series(tuple(steps))
+    by_depth: list[list[str]] = [[] for _ in range(max(depth.values()) + 1)]
+    for name in nodes:
+        by_depth[depth[name]].append(name)
+    if len(parts) == 1 and nesting > 0:
+        # A series cut after depth k: every job deeper than k descends from every last job (sink)
+        # at depth <= k. A sink's edges all lead deeper than k, so that holds exactly when every
+        # job at depth k + 1 reads every sink directly (the deeper ones descend from those).
+        pieces: list[list[str]] = [[]]
+        sinks: set[str] = set()
+        for level, names_at in enumerate(by_depth[:-1]):
+            pieces[-1] += names_at
+            sinks = (sinks | set(names_at)).difference(*(upstream[name] for name in names_at))
+            if all(sinks.issubset(upstream[name]) for name in by_depth[level + 1]):
+                pieces.append([])
+        pieces[-1] += by_depth[-1]
+        if len(pieces) > 1:
+            steps: list[Shape] = []
+            for piece in pieces:  # a piece has no cut of its own: a Series here is levels
+                inner = _shape(piece, upstream, nesting - 1)
+                steps.extend(inner.steps if isinstance(inner, Series) else (inner,))
+            return Series(tuple(steps))
+    return Series(tuple(level[0] if len(level) == 1 else Parallel(tuple(level)) for level in by_depth))
 
 
 def _components(nodes: list[str], upstream: dict[str, list[str]]) -> list[list[str]]:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tests.unit.test_dag_spec import parse
-from tracecore.dag_runs import Parallel, Series, Shape, shape
+from tracecore.dag_runs import MAX_NESTING, Parallel, Series, Shape, shape
 from tracecore.dag_spec import DagSpec
 
 
@@ -79,6 +79,13 @@ def waits_for(step: Shape, before: frozenset[str] = frozenset()) -> dict[str, fr
     return out
 
 
+def ancestors_of(spec: DagSpec) -> dict[str, set[str]]:
+    ancestors: dict[str, set[str]] = {}
+    for name in spec.topological_order():
+        ancestors[name] = set(spec.upstream(name)).union(*(ancestors[up] for up in spec.upstream(name)))
+    return ancestors
+
+
 def has_an_n(names: list[str], ancestors: dict[str, set[str]]) -> bool:
     """Whether the DAG's order holds an N (a < c > b < d, nothing else between them): exactly the
     orders that are not series-parallel, so no canvas makes every job wait for its ancestors alone."""
@@ -102,9 +109,8 @@ def test_random_dags_wait_for_their_ancestors_and_exactly_those_when_series_para
         laid_out = shape(spec, spec.topological_order())
         waits = waits_for(laid_out)
         assert sorted(waits) == sorted(names), laid_out  # every job exactly once
-        ancestors: dict[str, set[str]] = {}
-        for name in spec.topological_order():
-            ancestors[name] = set(spec.upstream(name)).union(*(ancestors[up] for up in spec.upstream(name)))
+        ancestors = ancestors_of(spec)
+        for name in names:
             assert ancestors[name] <= waits[name], (edges, laid_out)  # never before an upstream
         if has_an_n(names, ancestors):
             inexact += 1
@@ -113,3 +119,24 @@ def test_random_dags_wait_for_their_ancestors_and_exactly_those_when_series_para
             exact += 1
             assert all(waits[name] == ancestors[name] for name in names), (edges, laid_out)
     assert exact > 50 and inexact > 20  # both kinds were drawn
+
+
+def test_a_long_chain_is_one_flat_series() -> None:
+    names = [f"s{i:04d}" for i in range(3000)]
+    spec = dag(" ".join(f"{up}>{down}" for up, down in itertools.pairwise(names)))
+    assert shape(spec, names) == Series(tuple(names))
+
+
+def test_nesting_past_the_limit_is_laid_out_level_by_level_and_stays_ordered() -> None:
+    """a0 -> a1 -> ... with a side job s_i below each a_i, all joined by z: each a_i nests the
+    next one step deeper; past MAX_NESTING the rest runs level by level."""
+    n = MAX_NESTING
+    edges = [f"a{i}>a{i + 1}" for i in range(n - 1)] + [f"a{i}>s{i}" for i in range(n)] \
+        + [f"s{i}>z" for i in range(n)] + [f"a{n - 1}>z"]
+    spec = dag(" ".join(edges))
+    laid_out = shape(spec, spec.topological_order())
+    waits, ancestors = waits_for(laid_out), ancestors_of(spec)
+    assert sorted(waits) == sorted(ancestors)
+    assert all(ancestors[name] <= waits[name] for name in ancestors)
+    assert any(ancestors[name] != waits[name] for name in ancestors)  # the levels part over-waits
+    assert waits["s0"] == {"a0"} and waits["z"] == set(ancestors) - {"z"}  # the nested part is exact
