@@ -198,6 +198,16 @@ class Processes:
     def log(self, process: subprocess.Popen[bytes]) -> str:
         return Path(process.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until the workers hold no message: nothing queued, nothing delivered and not yet acked
+        (acks_late: a task's message is acked once the task, after-hooks included, returned)."""
+        broker = redis.Redis.from_url(self.settings.broker_url or "")
+        try:
+            wait_for(lambda: broker.llen("trace") == 0 and broker.hlen("unacked") == 0, timeout=timeout,
+                     message="the workers to be idle")
+        finally:
+            broker.close()
+
     def stop_all(self) -> None:
         for process in self.started:
             if process.poll() is None:

@@ -102,9 +102,11 @@ def test_the_beat_poll_fires_the_timeout_once(app: Flask, client: FlaskClient, t
     assert _runs(tenant.org_id, "timed") == 1
 
 
-def _succeed(app: Flask, org_id: uuid.UUID, job: str) -> None:
+def _succeed(app: Flask, processes: Processes, org_id: uuid.UUID, job: str) -> None:
+    """Run ``job`` on the worker and wait until the worker is done with it, its composite hook too."""
     _start(app, org_id, job)
     assert wait_for(lambda: _runs(org_id, job, "succeeded") >= 1, timeout=60)
+    processes.wait_idle()
 
 
 def test_a_nested_tree_fires_once_per_round(app: Flask, client: FlaskClient, tenant: Tenant,
@@ -112,12 +114,12 @@ def test_a_nested_tree_fires_once_per_round(app: Flask, client: FlaskClient, ten
     _put(client, tenant, [_job("a"), _job("b"), _job("c"),
                           _job("nested", trigger={"all_of": ["a", {"any_of": ["b", "c"]}]})])
     processes.worker()
-    _succeed(app, tenant.org_id, "a")
+    _succeed(app, processes, tenant.org_id, "a")
     time.sleep(0.5)
     assert _runs(tenant.org_id, "nested") == 0  # a alone: the any_of still waits
-    _succeed(app, tenant.org_id, "c")
+    _succeed(app, processes, tenant.org_id, "c")
     assert wait_for(lambda: _runs(tenant.org_id, "nested", "succeeded") == 1, timeout=60)
-    _succeed(app, tenant.org_id, "b")  # round 1 has b, not yet a
+    _succeed(app, processes, tenant.org_id, "b")  # round 1 has b, not yet a
     time.sleep(0.5)
     assert _runs(tenant.org_id, "nested") == 1
     _start(app, tenant.org_id, "a")
@@ -138,7 +140,7 @@ def test_a_when_node_joins_a_tree_through_the_query_service(app: Flask, client: 
         "all_of": ["a", {"when": "SELECT count(*) >= 2 FROM emitted"}]})])
     _publish(app, tenant.org_id, "emit", [{"k": 1}])
     processes.worker()
-    _succeed(app, tenant.org_id, "a")
+    _succeed(app, processes, tenant.org_id, "a")
     assert sweep(tenant.org_id) == []  # one row: the condition is false
     _publish(app, tenant.org_id, "emit", [{"k": 2}])
     emitted = datasets.get_dataset(tenant.org_id, "emitted").id
