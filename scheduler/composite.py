@@ -35,7 +35,7 @@ from sqlalchemy import func, select, text
 
 from tracecore.dag_triggers import _trigger_jobs
 from tracecore.dags import Job
-from tracecore.db import db, execute_one
+from tracecore.db import db
 from tracecore.exceptions import NotFound
 from tracecore.triggers import TriggerFiring
 
@@ -189,24 +189,10 @@ def _evaluate_all(job_ids: list[uuid.UUID], now: datetime | None = None) -> list
     return made
 
 
-# One round trip on the hot path (after every successful task, on the autocommit connection): the
-# task's org and job, only when a live composite of the org mentions the job's name (confirmed
-# on the parsed tree).
-_NAMED_BY_A_COMPOSITE = text("""
-SELECT t.org_id, j.name FROM tasks AS t JOIN jobs AS j ON j.id = t.job_id
-WHERE t.id = :task_id AND t.state = 'succeeded'
-  AND EXISTS (SELECT 1 FROM jobs AS c WHERE c.org_id = t.org_id AND c.deleted_at IS NULL
-              AND jsonb_typeof(c.spec->'trigger') = 'object'
-              AND position(CAST(to_jsonb(j.name) AS text) IN CAST(c.spec->'trigger' AS text)) > 0)
-""")
-
-
-def on_task_succeeded(task_id: uuid.UUID | str) -> list[uuid.UUID]:
-    """After a task succeeded: evaluate the composites naming its job; answers the task ids to enqueue."""
-    row = execute_one(_NAMED_BY_A_COMPOSITE, {"task_id": str(task_id)})
-    if row is None:
-        return []
-    return _evaluate_all(_composites(row["org_id"], row["name"]))
+def on_task_succeeded(org_id: uuid.UUID, job_name: str) -> list[uuid.UUID]:
+    """After a task of ``job_name`` succeeded (the close statement said a composite of the org names
+    it): evaluate those composites; answers the task ids to enqueue."""
+    return _evaluate_all(_composites(org_id, job_name))
 
 
 def on_dataset_updated(org_id: uuid.UUID, dataset_id: uuid.UUID) -> list[uuid.UUID]:

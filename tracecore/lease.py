@@ -147,7 +147,14 @@ WITH closed AS (
 ), run AS ({_CLOSE_RUN}
 )
 SELECT (SELECT count(*) FROM closed) AS closed, (SELECT state FROM run WHERE finished) AS run_state,
-       (SELECT pg_notify('{RUN_FINISHED_CHANNEL}', id::text || ' ' || state) FROM run WHERE finished) AS notified
+       (SELECT pg_notify('{RUN_FINISHED_CHANNEL}', id::text || ' ' || state) FROM run WHERE finished) AS notified,
+       -- whether a live composite trigger of the org names the job (confirmed by the caller on the
+       -- parsed tree): the after-success hook then has work to do, else it costs nothing
+       EXISTS (SELECT 1 FROM closed JOIN jobs AS c ON c.org_id = closed.org_id
+               WHERE closed.state = 'succeeded' AND c.deleted_at IS NULL
+                 AND jsonb_typeof(c.spec->'trigger') = 'object'
+                 AND position(CAST(to_jsonb(CAST(:job_name AS text)) AS text) IN CAST(c.spec->'trigger' AS text)) > 0
+       ) AS named_by_composite
 """)
 
 _FENCED = text("""
@@ -248,11 +255,20 @@ def assert_current(task_id: uuid.UUID, fence: int) -> None:
         _refuse(task_id, fence)
 
 
+@dataclass(frozen=True)
+class Closed:
+    """What recording a success answers."""
+
+    run_state: str | None  # the run's new state if this task finished it
+    named_by_composite: bool  # a composite trigger of the org names the job: evaluate it now
+
+
 def succeed(lease: Lease, result: Any = None, *, peak_memory_bytes: int | None = None,
-            log_location: str | None = None) -> str | None:
-    """Record success; answers the run's new state if the run finished."""
-    return _close(lease, task_state="succeeded", attempt_state="succeeded", exit_reason="ok", result=result,
-                  peak_memory_bytes=peak_memory_bytes, log_location=log_location)
+            log_location: str | None = None) -> Closed:
+    """Record success."""
+    row = _close(lease, task_state="succeeded", attempt_state="succeeded", exit_reason="ok", result=result,
+                 peak_memory_bytes=peak_memory_bytes, log_location=log_location)
+    return Closed(run_state=row["run_state"], named_by_composite=row["named_by_composite"])
 
 
 def fail(lease: Lease, failure: Failure, *, base_delay: float, max_delay: float,
@@ -280,9 +296,10 @@ def retry_delay(attempt_number: int, base: float, cap: float) -> float:
 
 def _close(lease: Lease, *, task_state: str, attempt_state: str, exit_reason: str, result: Any = None,
            error_type: str | None = None, error_message: str | None = None, stack_trace: str | None = None,
-           delay: float = 0.0, peak_memory_bytes: int | None = None, log_location: str | None = None) -> str | None:
+           delay: float = 0.0, peak_memory_bytes: int | None = None,
+           log_location: str | None = None) -> dict[str, Any]:
     row = _fast(_CLOSE, {
-        "task_id": lease.task_id, "fence": lease.fence, "task_state": task_state,
+        "task_id": lease.task_id, "fence": lease.fence, "job_name": lease.job_name, "task_state": task_state,
         "attempt_state": attempt_state, "exit_reason": exit_reason, "error_type": error_type,
         "error_message": error_message, "stack_trace": stack_trace, "delay": delay,
         "result": None if result is None else json.dumps(result, default=str),
@@ -291,7 +308,7 @@ def _close(lease: Lease, *, task_state: str, attempt_state: str, exit_reason: st
     assert row is not None
     if row["closed"] == 0:
         _refuse(lease.task_id, lease.fence)
-    return row["run_state"]
+    return row
 
 
 def _refuse(task_id: uuid.UUID, fence: int) -> None:

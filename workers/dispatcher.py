@@ -104,8 +104,10 @@ def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> 
         heartbeat.remove(held)
     try:
         if isinstance(outcome, OperatorResult):
-            leases.succeed(held, outcome.value, peak_memory_bytes=outcome.peak_memory_bytes,
-                           log_location=outcome.log_location)
+            closed = leases.succeed(held, outcome.value, peak_memory_bytes=outcome.peak_memory_bytes,
+                                    log_location=outcome.log_location)
+            if closed.named_by_composite:
+                _fire_composites(app, held)
             return "succeeded"
         delay = leases.fail(held, outcome.failure, base_delay=settings.retry_base_delay,
                             max_delay=settings.retry_max_delay, peak_memory_bytes=outcome.peak_memory_bytes,
@@ -117,6 +119,20 @@ def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> 
         return "dead_letter"
     enqueue(str(held.task_id), delay)
     return "retrying"
+
+
+def _fire_composites(app: Flask, lease: leases.Lease) -> None:
+    """Composite triggers this success completes, at once; best effort: the beat's sweep fires
+    whatever this misses."""
+    from scheduler.composite import on_task_succeeded
+
+    from .app import enqueue
+
+    try:
+        for fired in on_task_succeeded(lease.org_id, lease.job_name):
+            enqueue(app, fired)
+    except Exception:
+        log.warning("composite triggers after task %s failed", lease.task_id, exc_info=True)
 
 
 def _run_operator(context: OperatorContext) -> OperatorResult | AttemptFailed:

@@ -34,22 +34,7 @@ def _enqueue(task_id: str, countdown: float) -> None:
 
 @shared_task(name=EXECUTE_TASK, ignore_result=True)
 def execute_task(task_id: str) -> str:
-    outcome = dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
-    if outcome == "succeeded":
-        _fire_composites(task_id)
-    return outcome
-
-
-def _fire_composites(task_id: str) -> None:
-    """Composite triggers (scheduler/composite.py) this task completes, at once; best effort:
-    the beat's sweep fires whatever this misses."""
-    from scheduler.composite import on_task_succeeded
-
-    try:
-        for fired in on_task_succeeded(task_id):
-            _enqueue(str(fired), 0)
-    except Exception:
-        log.warning("composite triggers after task %s failed", task_id, exc_info=True)
+    return dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
 
 
 @shared_task(name=EXECUTE_DAG_TASK, bind=True, max_retries=None)
@@ -57,10 +42,7 @@ def execute_dag_task(self, task_id: str) -> str:
     """One task of a DAG run inside its canvas: raises unless the task succeeded (see scheduler/canvas.py)."""
     from scheduler.canvas import run_dag_task
 
-    outcome = run_dag_task(flask_app._get_current_object(), self, task_id)  # type: ignore[attr-defined]
-    if outcome == "succeeded":
-        _fire_composites(task_id)
-    return outcome
+    return run_dag_task(flask_app._get_current_object(), self, task_id)  # type: ignore[attr-defined]
 
 
 @shared_task(name=REAP_LEASES, ignore_result=True)

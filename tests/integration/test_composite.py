@@ -16,6 +16,7 @@ from scheduler import composite
 from scheduler.composite import on_task_succeeded, sweep
 from tests.conftest import Processes, Tenant, wait_for
 from tracecore import datasets, runs
+from tracecore import lease as leases
 from tracecore.dags import Job
 from tracecore.db import db
 from tracecore.runs import Run, Task
@@ -60,9 +61,9 @@ def test_any_of_fires_once_and_all_of_waits_for_all(app: Flask, client: FlaskCli
                                                    processes: Processes) -> None:
     _put(client, tenant, DAG[:4])
     processes.worker()
-    a_task = _start(app, tenant.org_id, "a")
+    _start(app, tenant.org_id, "a")
     assert wait_for(lambda: _runs(tenant.org_id, "either", "succeeded") == 1, timeout=60)
-    assert on_task_succeeded(a_task) == []  # a duplicate delivery of the hook fires nothing
+    assert on_task_succeeded(tenant.org_id, "a") == []  # a duplicate of the hook fires nothing
     time.sleep(1)
     assert _runs(tenant.org_id, "either") == 1
     assert _runs(tenant.org_id, "both") == 0  # b has not run yet
@@ -70,6 +71,22 @@ def test_any_of_fires_once_and_all_of_waits_for_all(app: Flask, client: FlaskCli
     assert wait_for(lambda: _runs(tenant.org_id, "both", "succeeded") == 1, timeout=60)
     time.sleep(1)
     assert _runs(tenant.org_id, "both") == 1 and _runs(tenant.org_id, "either") == 1
+
+
+def test_the_close_says_whether_a_composite_names_the_job(app: Flask, client: FlaskClient, tenant: Tenant,
+                                                          make_tenant: Any) -> None:
+    """The after-success hook runs only when the statement recording the success found a live
+    composite of the same org naming the job."""
+    _put(client, tenant, DAG[:4])
+    other = make_tenant("other")
+    _put(client, other, [_job("a")])  # another org's `a`: no composite of its org names it
+    for org_id, job, named in ((tenant.org_id, "a", True), (tenant.org_id, "b", True),
+                               (tenant.org_id, "either", False), (other.org_id, "a", False)):
+        held = leases.take(_start(app, org_id, job, send=False), "w:1", 30.0)
+        assert isinstance(held, leases.Lease)
+        assert leases.succeed(held).named_by_composite is named, (org_id, job)
+    # no hook ran above: evaluating now fires what a and b completed (either, both), once
+    assert len(on_task_succeeded(tenant.org_id, "a")) == 2 and on_task_succeeded(tenant.org_id, "b") == []
 
 
 def test_any_of_with_a_timeout_fires_at_the_timeout_and_not_again(app: Flask, client: FlaskClient,

@@ -120,7 +120,7 @@ def test_a_write_with_the_old_fence_is_refused_and_fenced(make_task: Callable[..
     assert second.state == "running"
     assert task_row(task_id).state == "running"  # the zombie changed nothing on the task
 
-    assert lease.succeed(new, {"ok": 1}) == "succeeded"
+    assert lease.succeed(new, {"ok": 1}).run_state == "succeeded"
     first, second = attempts(task_id)
     assert (second.state, second.exit_reason, second.result) == ("succeeded", "ok", {"ok": 1})
     assert second.duration_ms is not None and second.duration_ms >= 0
@@ -160,7 +160,7 @@ def test_renew_keeps_a_lease_alive_past_its_first_expiry(make_task: Callable[...
     assert lease.take(task_id, "worker-b", 60) is None
     lease.assert_current(task_id, held.fence)
     db.session.rollback()
-    assert lease.succeed(held) == "succeeded"
+    assert lease.succeed(held).run_state == "succeeded"
     assert [a.state for a in attempts(task_id)] == ["succeeded"]
 
 
@@ -245,7 +245,7 @@ def test_reap_requeues_expired_leases_and_dead_letters_exhausted_ones(
     # The requeued task is leased again with the next fence.
     again = lease.take(retryable, "rescuer", 60)
     assert again is not None and (again.fence, again.attempt_number) == (2, 2)
-    assert lease.succeed(again) == "succeeded"
+    assert lease.succeed(again).run_state == "succeeded"
 
     # A second pass finds nothing expired; with stale_after=0 it answers the queued task
     # whose message may have been lost, so that it is sent again.
@@ -310,7 +310,7 @@ def test_counters_follow_take_close_fail_and_reap_and_never_drift(make_task: Cal
             for task_id in (done, retried, reaped, taken_over)}
     assert all(isinstance(value, lease.Lease) for value in held.values())
     assert counters(done)[0] == running_tasks(done)[0] == 4
-    assert lease.succeed(held[done]) == "succeeded"  # type: ignore[arg-type]
+    assert lease.succeed(held[done]).run_state == "succeeded"  # type: ignore[arg-type]
     lease.fail(held[retried], lease.Failure("error", "E", "boom"), base_delay=60, max_delay=60)  # type: ignore[arg-type]
     assert counters(done) == running_tasks(done) == (2, 0)
     for task_id in (reaped, taken_over):
@@ -321,7 +321,7 @@ def test_counters_follow_take_close_fail_and_reap_and_never_drift(make_task: Cal
     assert counters(taken_over) == running_tasks(taken_over) == (2, 1)
     assert lease.reap(stale_after=3600) == [reaped]
     assert counters(reaped) == running_tasks(reaped) == (1, 0)
-    assert lease.succeed(again) == "succeeded"
+    assert lease.succeed(again).run_state == "succeeded"
     assert counters(reaped) == running_tasks(reaped) == (0, 0)
     # A zombie's late write changes nothing, the counters included.
     with pytest.raises(StaleFence):
@@ -333,7 +333,7 @@ def test_a_counter_can_never_go_negative(make_task: Callable[..., uuid.UUID]) ->
     task_id = make_task()
     held = lease.take(task_id, "w", 60)
     assert isinstance(held, lease.Lease)
-    assert lease.succeed(held) == "succeeded"
+    assert lease.succeed(held).run_state == "succeeded"
     with pytest.raises(IntegrityError):
         db.session.execute(text("UPDATE org_running SET running = running - 1 WHERE org_id = "
                                 "(SELECT org_id FROM tasks WHERE id = :id)"), {"id": task_id})
@@ -416,7 +416,7 @@ def test_a_lease_survives_its_pooled_connections_being_killed(make_task: Callabl
     terminated, as in a database restart) is replaced and the statement sent again."""
     first = lease.take(make_task(), "w", 60)
     assert isinstance(first, lease.Lease)
-    assert lease.succeed(first) == "succeeded"
+    assert lease.succeed(first).run_state == "succeeded"
     killed = db.session.execute(text(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
@@ -424,4 +424,4 @@ def test_a_lease_survives_its_pooled_connections_being_killed(make_task: Callabl
     assert killed and killed >= 1
     second = lease.take(make_task(), "w", 60)
     assert isinstance(second, lease.Lease)
-    assert lease.succeed(second) == "succeeded"
+    assert lease.succeed(second).run_state == "succeeded"
