@@ -32,3 +32,19 @@ def test_put_dag_then_trigger_creates_a_queued_run(client: FlaskClient, tenant: 
     run = client.get(f"/v1/runs/{created.json['run_id']}", headers=tenant.headers("reader")).json
     assert run["status"] == "queued" and run["job"] == "hello"
     assert [task["status"] for task in run["tasks"]] == ["queued"]
+
+
+def test_a_body_that_is_not_json_is_415_and_starts_nothing(client: FlaskClient, tenant: Tenant) -> None:
+    client.put("/v1/dags/greetings", data=HELLO, headers={**tenant.headers(), "Content-Type": "application/yaml"})
+    writer = tenant.headers("writer")
+    for body, content_type in ((b"parameters=1", "application/x-www-form-urlencoded"),
+                               (b'{"parameters": {"a": 1}}', "text/plain"), (b"{}", None)):
+        headers = {**writer, **({"Content-Type": content_type} if content_type else {})}
+        refused = client.post("/v1/jobs/hello/runs", data=body, headers=headers)
+        assert refused.status_code == 415, refused.json
+        assert refused.json["error"]["code"] == "unsupported_media_type"
+        assert "application/json" in refused.json["error"]["message"]
+    assert client.get("/v1/runs", headers=writer).json == []
+    # no body at all: every field takes its default
+    assert client.post("/v1/jobs/hello/runs", headers=writer).status_code == 202
+    assert client.post("/v1/dags/greetings/runs", headers=writer).status_code == 202

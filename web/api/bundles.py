@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import current_app, request
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -16,6 +15,7 @@ from tracecore.orgs import Role
 from tracecore.storage import object_store
 
 from ..auth import current
+from . import Blueprint
 
 blp = Blueprint("bundles", __name__, url_prefix="/v1", description="UDF bundles: Lambda-style zips")
 

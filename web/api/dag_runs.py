@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import current_app
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from scheduler import canvas
@@ -13,6 +12,7 @@ from tracecore.db import db
 from tracecore.orgs import Role
 
 from ..auth import current
+from . import Blueprint
 from .triggers import rate_limited_runs
 
 blp = Blueprint("dag_runs", __name__, url_prefix="/v1", description="Runs of whole DAGs, and re-runs")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import request
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 
 from tracecore import audit, dags
@@ -12,6 +11,7 @@ from tracecore.db import db
 from tracecore.orgs import Role
 
 from ..auth import current
+from . import Blueprint
 
 blp = Blueprint("dags", __name__, url_prefix="/v1", description="DAGs, their versions and jobs")
 

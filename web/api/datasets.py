@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from tracecore import audit, dataset_admin, datasets, lineage
@@ -21,6 +20,7 @@ from tracecore.db import db
 from tracecore.orgs import Org, Role
 
 from ..auth import current
+from . import Blueprint
 
 blp = Blueprint("datasets", __name__, url_prefix="/v1", description="Datasets: catalog, versions, lineage, grants")
 

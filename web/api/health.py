@@ -5,10 +5,11 @@ from __future__ import annotations
 import redis
 from flask import current_app
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from sqlalchemy import text
 
 from tracecore.db import db
+
+from . import Blueprint
 
 blp = Blueprint("health", __name__, description="Liveness of the API and what it depends on")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from tracecore import audit, orgs
@@ -11,6 +10,7 @@ from tracecore.db import db
 from tracecore.orgs import Role
 
 from ..auth import current, installation_admin
+from . import Blueprint
 
 blp = Blueprint("orgs", __name__, url_prefix="/v1", description="Tenancy: orgs, members and API tokens")
 

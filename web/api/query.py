@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 from flask import Response, current_app, stream_with_context
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from tracecore import saved_queries
@@ -24,6 +23,7 @@ from tracecore.query_policy import MAX_SQL_CHARS
 from tracecore.storage import object_store
 
 from ..auth import current
+from . import Blueprint
 
 blp = Blueprint("query", __name__, url_prefix="/v1",
                 description="The Query Service: read-only SQL over datasets, saved queries, downloads")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import psycopg
 from flask import current_app
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from tracecore import dags, runs
@@ -16,6 +15,7 @@ from tracecore.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
 from workers.app import enqueue
 
 from ..auth import current
+from . import Blueprint
 from .triggers import rate_limited_runs
 
 blp = Blueprint("runs", __name__, url_prefix="/v1", description="Runs, their tasks and attempts")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from flask import current_app, jsonify, request
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 
 from tracecore import task_api, tokens
 from tracecore.appctx import settings_of
+
+from . import Blueprint
 
 blp = Blueprint("task", __name__, url_prefix="/v1",
                 description="The task API, for sandboxes: authenticated by a capability token")

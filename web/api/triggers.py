@@ -13,7 +13,6 @@ from typing import Any
 import redis
 from flask import current_app, jsonify, request
 from flask.typing import ResponseReturnValue
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 from sqlalchemy import select
 
@@ -25,6 +24,7 @@ from tracecore.orgs import Role
 from workers.app import enqueue
 
 from ..auth import current
+from . import Blueprint
 
 blp = Blueprint("triggers", __name__, url_prefix="/v1", description="Schedules and webhook triggers")
 
