@@ -3,10 +3,15 @@ blocking threads, so a long-poll does not block others)."""
 
 from __future__ import annotations
 
+import os
+
 from tracecore.settings import Settings
 
 
-def serve(settings: Settings, *, workers: int = 2, threads: int = 8) -> None:
+def serve(settings: Settings, *, workers: int = 2, threads: int | None = None) -> None:
+    """``threads`` per worker default to granian's own ceiling, twice the cores plus one: enough
+    for long-polls to wait beside ordinary requests without oversubscribing the interpreter."""
+    threads = threads or (os.cpu_count() or 1) * 2 + 1
     from granian import Granian
     from granian.constants import Interfaces
     from granian.log import LogLevels
