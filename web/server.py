@@ -9,7 +9,9 @@ from tracecore.settings import Settings
 
 
 def serve(settings: Settings, *, workers: int = 2, threads: int | None = None) -> None:
-    """``threads`` per worker default to granian's own ceiling, twice the cores plus one: enough
+    """Serve on ``settings``' host and port. Each worker process builds its app from ``TRACE_*``
+    itself (web/wsgi.py), so settings reach it through the environment, not this argument.
+    ``threads`` per worker default to granian's own ceiling, twice the cores plus one: enough
     for long-polls to wait beside ordinary requests without oversubscribing the interpreter."""
     threads = threads or (os.cpu_count() or 1) * 2 + 1
     from granian import Granian
