@@ -9,11 +9,15 @@ from __future__ import annotations
 import atexit
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from flask_sqlalchemy import SQLAlchemy
 from psycopg import OperationalError
+from psycopg.pq import TransactionStatus
 from sqlalchemy import DateTime, Engine, MetaData, TextClause, Uuid, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -82,6 +86,22 @@ def autocommit_engine(*, durable: bool = True) -> Engine:
 _psycopg_sql: dict[TextClause, str] = {}
 
 
+def _compiled(statement: TextClause, engine: Engine) -> str:
+    """The statement in psycopg's paramstyle, compiled once."""
+    sql = _psycopg_sql.get(statement)
+    if sql is None:
+        sql = _psycopg_sql[statement] = str(statement.compile(dialect=engine.dialect))
+    return sql
+
+
+def _first_row(cursor: psycopg.Cursor[Any]) -> dict[str, Any] | None:
+    if cursor.description is None:
+        return None
+    row = cursor.fetchone()
+    names = [column.name for column in cursor.description]
+    return None if row is None else dict(zip(names, row, strict=True))
+
+
 def execute_one(statement: TextClause, params: dict[str, Any], *, durable: bool = True) -> dict[str, Any] | None:
     """Run one statement as its own transaction on :func:`autocommit_engine`; answers its first
     row as a dict, if it returns rows.
@@ -92,19 +112,13 @@ def execute_one(statement: TextClause, params: dict[str, Any], *, durable: bool 
     statement sent once more.
     """
     engine = autocommit_engine(durable=durable)
-    sql = _psycopg_sql.get(statement)
-    if sql is None:
-        sql = _psycopg_sql[statement] = str(statement.compile(dialect=engine.dialect))
+    sql = _compiled(statement, engine)
     for retry in (False, True):
         connection = engine.raw_connection()
         try:
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
-                if cursor.description is None:
-                    return None
-                row = cursor.fetchone()
-                names = [column.name for column in cursor.description]
-                return None if row is None else dict(zip(names, row, strict=True))
+                return _first_row(cursor)
         except OperationalError:
             if retry or not connection.dbapi_connection.broken:  # type: ignore[union-attr]
                 raise
@@ -113,6 +127,80 @@ def execute_one(statement: TextClause, params: dict[str, Any], *, durable: bool 
         finally:
             connection.close()  # back to the pool (an invalidated one is discarded)
     raise AssertionError("unreachable")
+
+
+# How long a Batches transaction may sit idle between two batches before the server ends it
+# (and its locks) for good: a caller that stalls mid-way cannot hold its locks indefinitely.
+BATCHES_IDLE_LIMIT = "5s"
+
+
+class Batches:
+    """A transaction on a pooled autocommit connection whose statements go out in batches, one
+    round trip each (psycopg's pipeline mode): BEGIN rides with the first batch, COMMIT with the
+    one sent by :meth:`commit`. Between two batches the caller may act on what the first answered
+    while the transaction, and the locks it took, stay open (for up to BATCHES_IDLE_LIMIT)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pooled = engine.raw_connection()
+        self._begun = False
+
+    @property
+    def _connection(self) -> psycopg.Connection[Any]:
+        return self._pooled.dbapi_connection  # type: ignore[return-value]
+
+    def send(self, *statements: TextClause, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Run ``statements`` in order; answers the last one's first row."""
+        return self._batch(statements, params, commit=False)
+
+    def commit(self, *statements: TextClause, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Run ``statements``, then COMMIT, in one round trip; answers the last one's first row."""
+        return self._batch(statements, params, commit=True)
+
+    def _batch(self, statements: tuple[TextClause, ...], params: dict[str, Any], *,
+               commit: bool) -> dict[str, Any] | None:
+        first = not self._begun
+        for retry in (False, True):
+            connection = self._connection
+            try:
+                with connection.pipeline():
+                    if first:
+                        connection.execute("BEGIN")
+                        connection.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                                           (BATCHES_IDLE_LIMIT,))
+                    cursors = [connection.execute(_compiled(statement, self._engine), params)
+                               for statement in statements]
+                    if commit:
+                        connection.execute("COMMIT")
+                self._begun = not commit
+                return _first_row(cursors[-1]) if cursors else None
+            except OperationalError:
+                # Only the first batch may go again on a fresh connection: nothing has happened yet.
+                if retry or not first or not connection.broken:
+                    raise
+                self._pooled.invalidate()
+                self._engine.dispose()
+                self._pooled = self._engine.raw_connection()
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Roll back whatever was not committed and give the connection back to the pool."""
+        try:
+            connection = self._connection
+            if not connection.broken and connection.info.transaction_status != TransactionStatus.IDLE:
+                connection.rollback()
+        finally:
+            self._pooled.close()
+
+
+@contextmanager
+def batches(*, durable: bool = True) -> Iterator[Batches]:
+    """A :class:`Batches` transaction on :func:`autocommit_engine`; rolled back unless committed."""
+    transaction = Batches(autocommit_engine(durable=durable))
+    try:
+        yield transaction
+    finally:
+        transaction.close()
 
 
 @atexit.register

@@ -11,16 +11,20 @@ has lapsed, is refused with :class:`StaleFence` and its attempt is recorded as
 from __future__ import annotations
 
 import json
+import logging
 import random
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.errors import LockNotAvailable
 from sqlalchemy import TextClause, text
 
-from .db import db, execute_one
+from .db import batches, db, execute_one
 from .exceptions import StaleFence
-from .runs import TERMINAL_TASK_STATES
+from .runs import CREATION_LOCK, TERMINAL_TASK_STATES
+
+log = logging.getLogger(__name__)
 
 # PostgreSQL NOTIFY channel: payload "<run id> <state>" when a run finishes.
 RUN_FINISHED_CHANNEL = "trace_run_finished"
@@ -50,7 +54,9 @@ _TAKEABLE_WHERE = "(state IN ('queued', 'retrying') OR (state = 'running' AND le
 # counted when first leased); any other take needs a free slot in its org's counter row and its
 # job's, both locked (FOR UPDATE) before the check, so two workers never share the last slot.
 # ``verdict``: ok, gone (another worker holds it, or it is done), full (a cap is reached: the
-# task waits), missing (a counter row does not exist yet: take() creates it and tries again).
+# task waits), missing (a counter row does not exist yet: take() creates it and tries again),
+# unseen (no such task: its creator has not committed yet, or rolled back; take() waits on the
+# creation lock and tries again).
 _TAKE = text(f"""
 WITH candidate AS MATERIALIZED (
   SELECT id, org_id, job_id, state = 'running' AS transfer FROM tasks
@@ -66,7 +72,8 @@ WITH candidate AS MATERIALIZED (
     AND (SELECT running FROM org_slot) < :org_cap
   FOR UPDATE OF job_running
 ), verdict AS MATERIALIZED (
-  SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM candidate) THEN 'gone'
+  SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM candidate)
+              THEN CASE WHEN EXISTS (SELECT 1 FROM tasks WHERE id = :task_id) THEN 'gone' ELSE 'unseen' END
               WHEN (SELECT transfer FROM candidate) THEN 'ok'
               WHEN NOT EXISTS (SELECT 1 FROM org_slot) THEN 'missing'
               WHEN (SELECT running FROM org_slot) >= :org_cap THEN 'full'
@@ -113,6 +120,11 @@ WITH task AS (SELECT org_id, job_id FROM tasks WHERE id = :task_id), org AS (
 )
 INSERT INTO job_running (job_id) SELECT job_id FROM task ON CONFLICT DO NOTHING
 """)
+
+# How long take() waits for the creator of a task it cannot see yet (runs.create_enqueued_run)
+# to end its transaction, which normally takes a fraction of a millisecond. Past it the message
+# is dropped: the reaper's sweep sends a task that stays queued again.
+_WAIT_FOR_CREATOR = text("SELECT set_config('lock_timeout', '10s', true)")
 
 # What take() answers when the task waits for capacity (distinct from None: another worker holds it).
 OVER_CAPACITY = "over_capacity"
@@ -218,11 +230,19 @@ def _fast(statement: TextClause, params: dict[str, Any]) -> dict[str, Any] | Non
 def take(task_id: uuid.UUID | str, worker: str, ttl: float,
          org_cap: int = 2147483647) -> Lease | str | None:
     """Take the lease and record the attempt in one statement; None when another worker holds the
-    task (or it is done), :data:`OVER_CAPACITY` when the org's or the job's running tasks are at
-    their cap."""
+    task (or it is done, or never committed), :data:`OVER_CAPACITY` when the org's or the job's
+    running tasks are at their cap. A task not there yet may have been enqueued ahead of its
+    commit (runs.create_enqueued_run): the take then waits for its creator and looks again."""
     attempt_id = uuid.uuid4()
     params = {"task_id": str(task_id), "worker": worker, "ttl": ttl, "attempt_id": attempt_id, "org_cap": org_cap}
     row = _fast(_TAKE, params)
+    if row is not None and row["verdict"] == "unseen":  # enqueued before its commit: wait for its creator
+        try:
+            with batches(durable=False) as transaction:
+                row = transaction.commit(_WAIT_FOR_CREATOR, CREATION_LOCK, _TAKE, params=params)
+        except LockNotAvailable:
+            log.warning("task %s: its creator's transaction is still open; the reaper will send it again", task_id)
+            return None
     if row is not None and row["verdict"] == "missing":  # the first lease of a new org or job
         _fast(_ADD_COUNTERS, {"task_id": str(task_id)})
         row = _fast(_TAKE, params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .db import Base, created_at, db, execute_one, uuid_pk
+from .db import Base, batches, created_at, db, execute_one, uuid_pk
 from .exceptions import NotFound, TraceError, ValidationError
 from .settings import Settings
 
@@ -278,10 +279,16 @@ _RATE = """rate AS (
             AS retry_after
 )"""
 _CREATE_RUN = text(f"WITH {_JOB}, {_RUN_AND_TASK.format(admitted='true')} SELECT id FROM task")
-_CREATE_COUNTED_RUN = text(f"""
-WITH {_RATE}, {_JOB}, {_RUN_AND_TASK.format(admitted='(SELECT runs FROM rate) <= :rate_limit')}
-SELECT (SELECT id FROM task) AS id, rate.runs, rate.retry_after FROM rate
-""")
+
+# Held by the transaction that creates a task when it enqueues the task before committing
+# (create_enqueued_run); a worker that finds no such task waits on it, then looks again
+# (tracecore/lease.py). Transaction-scoped: the commit or the rollback releases it.
+CREATION_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(CAST(:task_id AS text), 11))")
+_ADMIT = text(f"WITH {_RATE}, {_JOB} SELECT rate.runs, rate.retry_after, (SELECT id FROM job) AS job_id FROM rate")
+_INSERT_ADMITTED = text(f"""WITH job AS (
+  SELECT id, coalesce((spec->>'max_retries')::int, 3) AS max_retries FROM jobs
+  WHERE id = :job_id AND deleted_at IS NULL
+), {_RUN_AND_TASK.format(admitted='true')} SELECT id FROM task""")
 _COUNT_RUN = text(f"WITH {_RATE} SELECT runs, retry_after FROM rate")
 
 
@@ -324,36 +331,58 @@ def count_api_run(org_id: uuid.UUID, rate: RateLimit) -> None:
     rate.check(row)
 
 
-def create_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uuid.UUID | None,
-               parameters: dict[str, Any] | None = None, config_overrides: dict[str, Any] | None = None,
-               window: dict[str, Any] | None = None, dag_id: uuid.UUID | None = None,
-               commit_now: bool = False, rate: RateLimit | None = None) -> tuple[uuid.UUID, uuid.UUID]:
-    """Insert a single-task run of a live job in one statement; answers (run id, task id).
-
-    The caller commits, then enqueues the task; with ``commit_now`` the statement is its own
-    (durable) transaction outside the session, which saves the session's BEGIN and COMMIT round
-    trips on the manual-trigger path. With ``rate`` (needs ``commit_now``) the same statement counts
-    the run against the org's rate limit and inserts nothing past it (RateLimited). A missing job
-    (or another org's) is NotFound.
-    """
-    run_id, task_id = uuid.uuid4(), uuid.uuid4()
-    params = {
+def _run_params(run_id: uuid.UUID, task_id: uuid.UUID, *, org_id: uuid.UUID, job_name: str, cause: str,
+                triggered_by: uuid.UUID | None, parameters: dict[str, Any] | None,
+                config_overrides: dict[str, Any] | None, window: dict[str, Any] | None,
+                dag_id: uuid.UUID | None) -> dict[str, Any]:
+    return {
         "run_id": run_id, "task_id": task_id, "org_id": org_id, "job_name": job_name, "dag_id": dag_id,
         "cause": cause, "triggered_by": triggered_by, "parameters": json.dumps(parameters or {}),
         "config_overrides": json.dumps(config_overrides or {}), "window": json.dumps(window or {}),
     }
-    if rate is not None:
-        if not commit_now:
-            raise ValueError("a rate-limited run is counted in its own transaction: pass commit_now=True")
-        inserted = execute_one(_CREATE_COUNTED_RUN, {**params, **rate.params()})
-        assert inserted is not None
-        rate.check(inserted)
-        if inserted["id"] is None:
-            inserted = None
-    elif commit_now:
-        inserted = execute_one(_CREATE_RUN, params)
-    else:
-        inserted = db.session.execute(_CREATE_RUN, params).first()
-    if inserted is None:
+
+
+def create_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uuid.UUID | None,
+               parameters: dict[str, Any] | None = None, config_overrides: dict[str, Any] | None = None,
+               window: dict[str, Any] | None = None, dag_id: uuid.UUID | None = None) -> tuple[uuid.UUID, uuid.UUID]:
+    """Insert a single-task run of a live job in one statement of the session's transaction;
+    answers (run id, task id). The caller commits, then enqueues the task. A missing job (or
+    another org's) is NotFound."""
+    run_id, task_id = uuid.uuid4(), uuid.uuid4()
+    params = _run_params(run_id, task_id, org_id=org_id, job_name=job_name, cause=cause, triggered_by=triggered_by,
+                         parameters=parameters, config_overrides=config_overrides, window=window, dag_id=dag_id)
+    if db.session.execute(_CREATE_RUN, params).first() is None:
         raise NotFound(f"no job named {job_name!r}")
+    return run_id, task_id
+
+
+def create_enqueued_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uuid.UUID | None,
+                        rate: RateLimit, enqueue: Callable[[uuid.UUID], None],
+                        parameters: dict[str, Any] | None = None,
+                        config_overrides: dict[str, Any] | None = None) -> tuple[uuid.UUID, uuid.UUID]:
+    """Count a run against the org's rate limit, enqueue its task, insert it, commit; answers
+    (run id, task id) once the run is durable. RateLimited or NotFound leave nothing behind and
+    enqueue nothing.
+
+    Why enqueue before the insert: the broker's and the worker's share of the dispatch then
+    overlaps the insert and its commit instead of following them. The transaction holds
+    :data:`CREATION_LOCK` from its first round trip, before the message exists; a worker that
+    gets there first finds no task, waits on the lock and looks again once the transaction is
+    over, so it runs the task only after its commit and drops the message of a rolled-back one.
+    Its own transaction outside the session, in two round trips (psycopg pipelines).
+    """
+    run_id, task_id = uuid.uuid4(), uuid.uuid4()
+    params = {**_run_params(run_id, task_id, org_id=org_id, job_name=job_name, cause=cause,
+                            triggered_by=triggered_by, parameters=parameters, config_overrides=config_overrides,
+                            window=None, dag_id=None), **rate.params()}
+    with batches() as transaction:
+        admitted = transaction.send(CREATION_LOCK, _ADMIT, params=params)
+        assert admitted is not None
+        if admitted["runs"] > rate.limit or admitted["job_id"] is None:
+            transaction.commit(params=params)  # a refused trigger counts too, as in count_api_run
+            rate.check(admitted)
+            raise NotFound(f"no job named {job_name!r}")
+        enqueue(task_id)
+        if transaction.commit(_INSERT_ADMITTED, params={**params, "job_id": admitted["job_id"]}) is None:
+            raise NotFound(f"no job named {job_name!r}")  # deleted in between: the worker drops the message
     return run_id, task_id

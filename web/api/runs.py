@@ -120,10 +120,11 @@ def _run_out(run: runs.Run, *, detail: bool, names: dict) -> dict:
 @blp.alt_response(429, description="Past the org's rate limit of API-triggered runs (Retry-After)")
 def trigger_job(body: dict, name: str, rate: runs.RateLimit) -> ResponseReturnValue:
     principal = current(Role.writer)
-    run_id, task_id = runs.create_run(org_id=principal.org_id, job_name=name, cause="manual",
-                                      triggered_by=principal.user_id, parameters=body["parameters"],
-                                      config_overrides=body["config"], commit_now=True, rate=rate)
-    enqueue(current_app, task_id)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    run_id, _ = runs.create_enqueued_run(org_id=principal.org_id, job_name=name, cause="manual",
+                                         triggered_by=principal.user_id, parameters=body["parameters"],
+                                         config_overrides=body["config"], rate=rate,
+                                         enqueue=lambda task_id: enqueue(app, task_id))
     return {"run_id": run_id}
 
 
