@@ -28,6 +28,9 @@ from celery import Celery
 _DIRECT_SCHEMES = ("redis://", "rediss://", "unix://")
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _clients: dict[tuple[str, int], redis.Redis] = {}
+# Seconds a publish may wait on the broker: a manual trigger publishes inside its open
+# transaction (tracecore.runs.create_enqueued_run), which must not wait on a hung broker for long.
+PUBLISH_TIMEOUT = 5.0
 _clients_lock = threading.Lock()
 
 
@@ -81,7 +84,8 @@ def _client(url: str) -> redis.Redis:
         with _clients_lock:
             client = _clients.get(key)
             if client is None:
-                client = _clients[key] = redis.Redis.from_url(url)
+                client = _clients[key] = redis.Redis.from_url(url, socket_timeout=PUBLISH_TIMEOUT,
+                                                              socket_connect_timeout=PUBLISH_TIMEOUT)
     return client
 
 
