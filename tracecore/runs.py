@@ -263,9 +263,9 @@ run AS (
   FROM run, job
   RETURNING id
 )"""
-_JOB = """job AS (
-  SELECT id, coalesce((spec->>'max_retries')::int, 3) AS max_retries FROM jobs
-  WHERE org_id = :org_id AND name = :job_name AND deleted_at IS NULL
+_JOB_COLUMNS = "id, coalesce((spec->>'max_retries')::int, 3) AS max_retries"
+_JOB = f"""job AS (
+  SELECT {_JOB_COLUMNS} FROM jobs WHERE org_id = :org_id AND name = :job_name AND deleted_at IS NULL
 )"""
 # The org's count of API-triggered runs in the current fixed window (by the database's clock),
 # upserted under the row's lock: two API processes cannot both admit the last run of a window.
@@ -286,8 +286,7 @@ _CREATE_RUN = text(f"WITH {_JOB}, {_RUN_AND_TASK.format(admitted='true')} SELECT
 CREATION_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(CAST(:task_id AS text), 11))")
 _ADMIT = text(f"WITH {_RATE}, {_JOB} SELECT rate.runs, rate.retry_after, (SELECT id FROM job) AS job_id FROM rate")
 _INSERT_ADMITTED = text(f"""WITH job AS (
-  SELECT id, coalesce((spec->>'max_retries')::int, 3) AS max_retries FROM jobs
-  WHERE id = :job_id AND deleted_at IS NULL
+  SELECT {_JOB_COLUMNS} FROM jobs WHERE id = :job_id AND deleted_at IS NULL
 ), {_RUN_AND_TASK.format(admitted='true')} SELECT id FROM task""")
 _COUNT_RUN = text(f"WITH {_RATE} SELECT runs, retry_after FROM rate")
 
@@ -361,8 +360,8 @@ def create_enqueued_run(*, org_id: uuid.UUID, job_name: str, cause: str, trigger
                         parameters: dict[str, Any] | None = None,
                         config_overrides: dict[str, Any] | None = None) -> tuple[uuid.UUID, uuid.UUID]:
     """Count a run against the org's rate limit, enqueue its task, insert it, commit; answers
-    (run id, task id) once the run is durable. RateLimited or NotFound leave nothing behind and
-    enqueue nothing.
+    (run id, task id) once the run is durable. A refused trigger (RateLimited, NotFound) is
+    counted, inserts no run and enqueues nothing.
 
     Why enqueue before the insert: the broker's and the worker's share of the dispatch then
     overlaps the insert and its commit instead of following them. The transaction holds
