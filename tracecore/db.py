@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -18,7 +19,7 @@ import psycopg
 from flask_sqlalchemy import SQLAlchemy
 from psycopg import OperationalError
 from psycopg.pq import ExecStatus, TransactionStatus
-from sqlalchemy import URL, DateTime, Engine, MetaData, TextClause, Uuid, create_engine, event, func
+from sqlalchemy import DateTime, Engine, MetaData, TextClause, Uuid, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -58,7 +59,8 @@ def libpq_url(url: str) -> str:
     return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-_autocommit_engines: dict[tuple[URL, int, bool], Engine] = {}
+_autocommit_engines: dict[tuple[str, int, bool], Engine] = {}
+_rendered_urls: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 
 def autocommit_engine(*, durable: bool = True) -> Engine:
@@ -72,11 +74,14 @@ def autocommit_engine(*, durable: bool = True) -> Engine:
     Keyed by URL (per-test apps share it; one engine per app would exhaust connections) and by
     process (a forked worker child never shares its parent's sockets).
     """
-    url = db.engine.url  # hashable and compared by value: no rendering per call
+    app_engine = db.engine
+    url = _rendered_urls.get(app_engine)
+    if url is None:  # rendering (which URL's own hash does too) cost as much as a statement's other work
+        url = _rendered_urls[app_engine] = app_engine.url.render_as_string(hide_password=False)
     key = (url, os.getpid(), durable)
     engine = _autocommit_engines.get(key)
     if engine is None:
-        engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=16)
+        engine = create_engine(app_engine.url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=16)
         if not durable:
             event.listen(engine, "connect", _no_sync_commit)
         _autocommit_engines[key] = engine
