@@ -22,6 +22,16 @@ Why it is built this way (DESIGN.md "Storage"; issue 4, section 4):
   ``memory_limit`` is DuckDB's ``OutOfMemoryException`` (422 ``query_resource_limit``); rows are
   capped (``truncated``). Errors in the user's SQL are 400 ``query_error`` with DuckDB's message,
   with this host's paths taken out.
+- The answer is capped in BYTES too, since ``memory_limit`` covers DuckDB's operators but not
+  the result this process builds from it (issue 11: ``repeat('x', 100000) FROM range(10000)``
+  is 1 GB of answer). Results leave DuckDB as Arrow batches of ``_READ_ROWS`` rows, so a batch
+  of wide rows stays small, and their bytes are counted as they arrive: inline rows past
+  ``max_bytes`` are 422 ``query_result_too_large`` (or, where the caller spills, a download); an
+  export file past ``export_max_bytes`` stops being written and is discarded (422, nothing
+  stored). The process holds at most a cap plus one batch (plus one Parquet row group of
+  ``_ROW_GROUP_BYTES``). What this cannot bound: DuckDB evaluates 2,048 rows per vector, and a
+  vector of huge strings (``repeat('x', 1000000)``, 2 GB a vector) is not counted by its
+  ``memory_limit``; only a separate process could cap that.
 
 No row is counted twice (the hot/cold rule). A hot row carries ``_version``, the dataset
 version whose publish inserted it; rows visible at version ``v`` are those published up to
@@ -70,6 +80,7 @@ from .query_policy import (
     NotSelect,
     QueryError,
     QueryResourceLimit,
+    QueryResultTooLarge,
     QueryTimeout,
     check_sql,
     check_statement,
@@ -78,13 +89,21 @@ from .query_policy import (
 from .storage import LocalObjectStore, ObjectStore
 
 __all__ = ["EXPORT_FORMATS", "DatasetViewLike", "Export", "ForbiddenFunction", "NotSelect", "QueryError",
-           "QueryResourceLimit", "QueryResult", "QueryTimeout", "check_sql", "check_statement", "export_query",
-           "run_query"]
+           "QueryResourceLimit", "QueryResult", "QueryResultTooLarge", "QueryTimeout", "check_sql",
+           "check_statement", "export_query", "run_query"]
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("parquet", "csv")
-_BATCH_ROWS = 64 * 1024
+_PG_ROWS = 64 * 1024  # hot rows fetched from PostgreSQL per round trip
+# Rows per Arrow batch out of DuckDB: small, so one batch of 100 kB rows is 25 MB, not 6 GB.
+_READ_ROWS = 256
+# A Parquet export buffers batches into row groups of about this size (few, large row groups).
+_ROW_GROUP_BYTES = 16 * 1024 * 1024
+_ROW_GROUP_ROWS = 128 * 1024
+# Caps when a caller names none (the settings' defaults: TRACE_QUERY_MAX_RESULT_BYTES, _EXPORT_BYTES).
+DEFAULT_MAX_RESULT_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_EXPORT_BYTES = 512 * 1024 * 1024
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
 
 
@@ -255,7 +274,7 @@ def _hot_rows(pg: Any, view: DatasetViewLike, *, through: int | None) -> pa.Tabl
         cursor.execute(query, params)
         columns = [column.name for column in cursor.description]
         values: list[list[Any]] = [[] for _ in columns]
-        while chunk := cursor.fetchmany(_BATCH_ROWS):
+        while chunk := cursor.fetchmany(_PG_ROWS):
             for row in chunk:
                 for index, value in enumerate(row):
                     values[index].append(value)
@@ -402,7 +421,7 @@ def _translate(exc: Exception, timeout_s: float, extra: Sequence[tuple[str, str]
 
 def _reader(relation: duckdb.DuckDBPyRelation) -> pa.RecordBatchReader:
     to_reader = getattr(relation, "to_arrow_reader", None)  # duckdb >= 1.4; fetch_record_batch before
-    return to_reader(_BATCH_ROWS) if to_reader else relation.fetch_record_batch(_BATCH_ROWS)
+    return to_reader(_READ_ROWS) if to_reader else relation.fetch_record_batch(_READ_ROWS)
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -424,61 +443,108 @@ def _batches(reader: pa.RecordBatchReader, names: list[str]) -> Iterator[pa.Reco
         yield pa.RecordBatch.from_arrays(batch.columns, names=names)
 
 
-def _inline(batches: Iterable[pa.RecordBatch], limit: int) -> _Outcome:
-    """At most ``limit`` rows as JSON objects; reads one row past it to know whether there were more."""
+def _too_large(what: str, cap: int) -> QueryResultTooLarge:
+    return QueryResultTooLarge(f"the {what} is larger than the Query Service allows ({cap} bytes): select fewer "
+                               "rows or columns, or aggregate", details={"max_bytes": cap})
+
+
+def _inline(batches: Iterable[pa.RecordBatch], limit: int, max_bytes: int) -> _Outcome:
+    """At most ``limit`` rows as JSON objects (``truncated`` when there were more), at most ``max_bytes``
+    of them (``query_result_too_large``), counted batch by batch before anything is converted."""
     kept: list[pa.RecordBatch] = []
-    count = 0
+    count, size, truncated = 0, 0, False
     for batch in batches:
+        room = limit - count
+        if batch.num_rows > room:
+            batch, truncated = batch.slice(0, room), True
+        size += batch.nbytes
+        if size > max_bytes:
+            raise _too_large("answer", max_bytes)
         kept.append(batch)
         count += batch.num_rows
-        if count > limit:
+        if truncated:
             break
-    rows = pa.Table.from_batches(kept, schema=kept[0].schema).slice(0, limit).to_pylist() if kept else []
+    rows = pa.Table.from_batches(kept, schema=kept[0].schema).to_pylist() if kept else []
     return _Outcome(rows=[{k: jsonable(v) for k, v in row.items()} for row in rows], row_count=len(rows),
-                    truncated=count > limit)
+                    truncated=truncated)
 
 
-def _inline_sink(limit: int) -> Sink:
+def _inline_sink(limit: int, max_bytes: int) -> Sink:
     def sink(names: list[str], types: list[str], reader: pa.RecordBatchReader) -> _Outcome:
-        return _inline(_batches(reader, names), limit)
+        return _inline(_batches(reader, names), limit, max_bytes)
 
     return sink
 
 
 class _ExportWriter:
-    """Streams record batches into a temporary Parquet or CSV file, then puts it in the store."""
+    """Streams record batches into a temporary Parquet or CSV file, then streams it into the store.
 
-    def __init__(self, fmt: str, schema: pa.Schema) -> None:
+    The file may not pass ``max_bytes`` (checked after every write; the process holds one batch,
+    or one Parquet row group, beside it): past it, ``query_result_too_large`` and nothing is stored.
+    """
+
+    def __init__(self, fmt: str, schema: pa.Schema, max_bytes: int) -> None:
         self.fmt = fmt
+        self.schema = schema
+        self.max_bytes = max_bytes
+        self.pending: list[pa.RecordBatch] = []  # parquet: the row group being gathered
+        self.pending_bytes = self.pending_rows = 0
         self.file: BinaryIO = tempfile.TemporaryFile()
         self.writer: Any = pq.ParquetWriter(self.file, schema) if fmt == "parquet" else pacsv.CSVWriter(
             self.file, schema)
 
     def write(self, batch: pa.RecordBatch) -> None:
+        if self.fmt == "parquet":
+            self.pending.append(batch)
+            self.pending_bytes += batch.nbytes
+            self.pending_rows += batch.num_rows
+            if self.pending_bytes >= _ROW_GROUP_BYTES or self.pending_rows >= _ROW_GROUP_ROWS:
+                self._flush()
+            return
         try:
-            self.writer.write(batch) if self.fmt == "csv" else self.writer.write_batch(batch)
+            self.writer.write(batch)
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as exc:
             raise QueryError(f"the result cannot be written as {self.fmt}: {exc}; try parquet") from None
+        self._check()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.Table.from_batches(self.pending, schema=self.schema))
+            self.pending, self.pending_bytes, self.pending_rows = [], 0, 0
+            self._check()
+
+    def _check(self) -> None:
+        if self.file.tell() > self.max_bytes:
+            raise _too_large("export", self.max_bytes)
 
     def finish(self, store: ObjectStore, key: str) -> Export:
         try:
+            self._flush()
             self.writer.close()
+            self._check()
+            size = self.file.tell()
             self.file.seek(0)
-            data = self.file.read()
+            put_file = getattr(store, "put_file", None)
+            if callable(put_file):  # streamed: the file is never read whole into memory
+                put_file(key, self.file)
+            else:
+                store.put(key, self.file.read())
         finally:
             self.file.close()
-        store.put(key, data)
-        return Export(key=key, format=self.fmt, bytes=len(data))
+        return Export(key=key, format=self.fmt, bytes=size)
 
     def discard(self) -> None:
         self.file.close()
 
 
-def _export_sink(store: ObjectStore, key: str, fmt: str, limit: int, inline_up_to: int | None) -> Sink:
-    """Rows up to ``inline_up_to`` stay inline; past it (or always, when it is None) they go to a file."""
+def _export_sink(store: ObjectStore, key: str, fmt: str, limit: int, inline_up_to: int | None, *,
+                 inline_bytes: int = DEFAULT_MAX_RESULT_BYTES, max_bytes: int = DEFAULT_MAX_EXPORT_BYTES) -> Sink:
+    """Rows up to ``inline_up_to`` (and ``inline_bytes``) stay inline; past either (or always, when
+    ``inline_up_to`` is None) they go to a file of at most ``max_bytes``."""
 
     def sink(names: list[str], types: list[str], reader: pa.RecordBatchReader) -> _Outcome:
         held: list[pa.RecordBatch] = []
+        held_bytes = 0
         writer: _ExportWriter | None = None
         count, truncated = 0, False
         try:
@@ -486,11 +552,15 @@ def _export_sink(store: ObjectStore, key: str, fmt: str, limit: int, inline_up_t
                 if count + batch.num_rows > limit:
                     batch, truncated = batch.slice(0, limit - count), True
                 count += batch.num_rows
-                if writer is None and inline_up_to is not None and count <= inline_up_to and not truncated:
+                fits = inline_up_to is not None and count <= inline_up_to and (not truncated or limit <= inline_up_to)
+                if writer is None and fits and held_bytes + batch.nbytes <= inline_bytes:
                     held.append(batch)
+                    held_bytes += batch.nbytes
+                    if truncated:
+                        break
                     continue
                 if writer is None:
-                    writer = _ExportWriter(fmt, batch.schema)
+                    writer = _ExportWriter(fmt, batch.schema, max_bytes)
                     for earlier in held:
                         writer.write(earlier)
                     held = []
@@ -498,10 +568,12 @@ def _export_sink(store: ObjectStore, key: str, fmt: str, limit: int, inline_up_t
                 if truncated:
                     break
             if writer is None and inline_up_to is not None:
-                return _inline(held, inline_up_to)
+                answered = _inline(held, inline_up_to, inline_bytes)
+                answered.truncated = answered.truncated or truncated
+                return answered
             if writer is None:
                 schema = held[0].schema if held else _schema_of(reader, names)
-                writer = _ExportWriter(fmt, schema)
+                writer = _ExportWriter(fmt, schema, max_bytes)
                 for earlier in held:
                     writer.write(earlier)
             export = writer.finish(store, key)
@@ -520,37 +592,44 @@ def _schema_of(reader: pa.RecordBatchReader, names: list[str]) -> pa.Schema:
 
 def run_query(sql: str, views: Sequence[DatasetViewLike], *, store: ObjectStore | None, limit: int,
               timeout_s: float, memory_limit: str, threads: int, pg_conninfo: str | None = None,
-              export_over: int | None = None, export_key: str | None = None
+              export_over: int | None = None, export_key: str | None = None,
+              max_bytes: int = DEFAULT_MAX_RESULT_BYTES, export_max_bytes: int = DEFAULT_MAX_EXPORT_BYTES
               ) -> QueryResult:
-    """Run one SELECT over ``views`` and answer at most ``limit`` rows (``truncated`` when there were more).
+    """Run one SELECT over ``views`` and answer at most ``limit`` rows (``truncated`` when there were more)
+    of at most ``max_bytes`` (else ``query_result_too_large``).
 
-    With ``export_over`` and ``export_key``: a result of more than ``export_over`` rows is not
-    answered inline but streamed (in the same execution, up to ``limit`` rows) into Parquet at
-    ``export_key`` in ``store``; ``result.export`` says where, and ``result.rows`` is empty.
+    With ``export_over`` and ``export_key``: a result of more than ``export_over`` rows or
+    ``max_bytes`` is not answered inline but streamed (in the same execution, up to ``limit``
+    rows and ``export_max_bytes``) into Parquet at ``export_key`` in ``store``; ``result.export``
+    says where, and ``result.rows`` is empty.
     """
     if limit < 0:
         raise ValueError("limit must be >= 0")
-    if export_over is not None and export_key is not None and limit > export_over:
+    if export_over is not None and export_key is not None:
         if store is None:
             raise PlatformError("an export needs an object store")
-        sink = _export_sink(store, export_key, "parquet", limit, inline_up_to=export_over)
+        sink = _export_sink(store, export_key, "parquet", limit, inline_up_to=export_over,
+                            inline_bytes=max_bytes, max_bytes=export_max_bytes)
     else:
-        sink = _inline_sink(limit)
+        sink = _inline_sink(limit, max_bytes)
     return _execute(sql, views, sink, store=store, timeout_s=timeout_s, memory_limit=memory_limit,
                     threads=threads, pg_conninfo=pg_conninfo)
 
 
 def export_query(sql: str, views: Sequence[DatasetViewLike], *, store: ObjectStore, key: str, fmt: str,
-                 limit: int, timeout_s: float, memory_limit: str, threads: int, pg_conninfo: str | None = None
-                 ) -> QueryResult:
-    """Run one SELECT and write up to ``limit`` rows as ``fmt`` (parquet or csv) to ``key`` in ``store``.
+                 limit: int, timeout_s: float, memory_limit: str, threads: int, pg_conninfo: str | None = None,
+                 max_bytes: int = DEFAULT_MAX_EXPORT_BYTES) -> QueryResult:
+    """Run one SELECT and write up to ``limit`` rows, at most ``max_bytes``, as ``fmt`` (parquet or csv)
+    to ``key`` in ``store``.
 
     The rows stream from DuckDB through Arrow batches into a temporary file, so an export costs
-    one batch of memory beside DuckDB's own ``memory_limit``; the file is put in the store whole.
+    one batch (or row group) of memory beside DuckDB's own ``memory_limit``; the file streams
+    into the store. Past ``max_bytes`` nothing is stored (``query_result_too_large``).
     """
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"format must be one of {', '.join(EXPORT_FORMATS)}", code="invalid_format")
-    return _execute(sql, views, _export_sink(store, key, fmt, limit, inline_up_to=None), store=store,
+    return _execute(sql, views, _export_sink(store, key, fmt, limit, inline_up_to=None, max_bytes=max_bytes),
+                    store=store,
                     timeout_s=timeout_s, memory_limit=memory_limit, threads=threads, pg_conninfo=pg_conninfo)
 
 

@@ -79,6 +79,13 @@ class QueryResourceLimit(UserError):
     http_status = 422
 
 
+class QueryResultTooLarge(UserError):
+    """The answer (inline rows or an export file) passed its byte cap: the query's fault, like memory."""
+
+    code = "query_result_too_large"
+    http_status = 422
+
+
 
 def check_sql(sql: str, visible: Iterable[str] | None, *, connection: duckdb.DuckDBPyConnection | None = None
               ) -> frozenset[str]:

@@ -122,23 +122,28 @@ def answer(sql: str, views: Sequence[query.DatasetViewLike], *, limit: int | Non
            spill: bool, audit_details: dict[str, Any]) -> tuple[dict[str, Any], query.QueryResult]:
     """Run the query for one caller: its JSON body and the result; commits the download and audit rows.
 
-    ``spill``: a JSON result over ``query_export_threshold`` rows is exported (users). Without
-    it the rows are cut at the threshold and the answer says ``truncated`` (tasks, whose SDK
-    reads ``rows``). ``export_prefix`` is where exports go (``exports/<org>/`` for users, the
+    ``spill``: a JSON result over ``query_export_threshold`` rows or ``query_max_result_bytes``
+    is exported (users). Without it the rows are cut at the threshold and the answer says
+    ``truncated`` (tasks, whose SDK reads ``rows``), and rows past the byte cap are 422
+    ``query_result_too_large``. Every export stops at ``query_max_export_bytes`` (422, nothing
+    stored). ``export_prefix`` is where exports go (``exports/<org>/`` for users, the
     task's scratch prefix for tasks, which the credential broker lets the sandbox read).
     """
     cap = min(limit or settings.query_row_limit, settings.query_row_limit)
     threshold = settings.query_export_threshold
     download_id = uuid.uuid4()
     options = _engine_options(settings)
+    inline_bytes, export_bytes = settings.query_max_result_bytes, settings.query_max_export_bytes
     if fmt == "json" and not spill:
-        result = query.run_query(sql, views, store=store, limit=min(cap, threshold), **options)
+        result = query.run_query(sql, views, store=store, limit=min(cap, threshold), max_bytes=inline_bytes,
+                                 **options)
     elif fmt == "json":
         result = query.run_query(sql, views, store=store, limit=cap, export_over=threshold,
-                                 export_key=f"{export_prefix}{download_id}.parquet", **options)
+                                 export_key=f"{export_prefix}{download_id}.parquet", max_bytes=inline_bytes,
+                                 export_max_bytes=export_bytes, **options)
     else:
         result = query.export_query(sql, views, store=store, key=f"{export_prefix}{download_id}.{fmt}", fmt=fmt,
-                                    limit=cap, **options)
+                                    limit=cap, max_bytes=export_bytes, **options)
     digest = sql_sha256(sql)
     body = result.to_json()
     if result.export is not None:

@@ -56,12 +56,26 @@ class Settings:
     retry_max_delay: float = _setting(300.0, "Upper bound of one retry delay, in seconds.")
     max_job_timeout: float = _setting(
         3600.0, "Longest job timeout allowed, in seconds; the broker's visibility timeout is set above it.")
+    min_schedule_interval: float = _setting(1.0, "Shortest `schedule: {every}` a DAG may declare, in seconds.")
+    max_job_memory: int = _setting(8192, "Largest `limits.memory` a DAG may declare, in MB.")
+    max_job_cpu: float = _setting(4.0, "Largest `limits.cpu` a DAG may declare, in vCPUs.")
     worker_concurrency: int = _setting(2, "Processes per Celery worker started by `trace worker` / `trace up`.")
+    api_threads: int = _setting(0, "Request threads of each API worker process; 0: twice the cores plus one.")
+    run_wait_max_total: int = _setting(
+        0, "Most `GET /v1/runs/{id}?wait=` long polls one API process holds at once; 0: half of its request "
+           "threads (at least 1). A wait past a cap answers at once (header Trace-Wait: refused).")
+    run_wait_max_per_org: int = _setting(
+        0, "Most long polls of one org held at once in one API process; 0: half of TRACE_RUN_WAIT_MAX_TOTAL "
+           "(at least 1), so one org never holds every waiting slot.")
+    run_wait_max_per_principal: int = _setting(2, "Most long polls of one API token held at once in one API process.")
     plugins: tuple[str, ...] = _setting(
         (), "Comma-separated Python modules imported at start that register extra operators.")
     sandbox: str = _setting("docker", "Sandbox backend for UDF bundles: docker, process (bubblewrap) or fargate.")
     redact: tuple[str, ...] = _setting(
         (), "Comma-separated secrets to redact from sandbox logs and errors, beside the capability token.")
+    sandbox_work_dir_max_bytes: int = _setting(
+        16 << 20, "Size of the tmpfs the worker mounts as each sandbox's /run/trace (event, result, gateway "
+                  "socket): past it the sandbox's writes fail with ENOSPC; 0: a plain folder on the host's disk.")
     admin_email: str = _setting("admin@localhost", "Email of the admin user that `trace up` creates on first start.")
     api_url: str | None = _setting(None, "API base URL the CLI talks to. Unset: http://TRACE_HOST:TRACE_PORT.")
     token: str | None = _setting(None, "API token the CLI sends. Unset: the one in TRACE_HOME/admin-token.")
@@ -104,6 +118,12 @@ class Settings:
                 "and answered with a download (tasks: cut here, truncated).")
     query_memory_limit: str = _setting("1GB", "DuckDB memory_limit of one query (e.g. 512MB, 2GB); past it: 422.")
     query_threads: int = _setting(2, "DuckDB threads of one query.")
+    query_max_result_bytes: int = _setting(
+        32 * 1024 * 1024, "Most bytes (Arrow, counted as DuckDB hands them over) of a JSON answer's rows; past it a "
+                          "user's answer becomes a download and a task's is 422 query_result_too_large.")
+    query_max_export_bytes: int = _setting(
+        512 * 1024 * 1024, "Most bytes of one exported query result (csv, parquet, a spilled JSON answer); past it "
+                           "the export stops, nothing is stored: 422 query_result_too_large.")
     run_rate_limit: int = _setting(
         600, "Most API-triggered runs (manual and webhook) per org in one TRACE_RUN_RATE_WINDOW; past it: 429.")
     run_rate_window: int = _setting(60, "Seconds of the per-org window of TRACE_RUN_RATE_LIMIT.")

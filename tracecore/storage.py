@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -77,6 +78,21 @@ class LocalObjectStore:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, source: BinaryIO) -> None:
+        """``put`` from a file object, copied in chunks (a large export is never held in memory)."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                shutil.copyfileobj(source, handle, 1024 * 1024)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, target)
@@ -196,6 +212,10 @@ class S3ObjectStore:
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.s3_key(key), Body=data)
+
+    def put_file(self, key: str, source: BinaryIO) -> None:
+        """``put`` from a file object: boto3's managed upload reads it in parts (multipart when large)."""
+        self.client.upload_fileobj(source, self.bucket, self.s3_key(key))
 
     def get(self, key: str) -> bytes:
         with self.open_read(key) as handle:
