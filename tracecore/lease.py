@@ -22,6 +22,7 @@ from sqlalchemy import TextClause, text
 
 from .db import batches, db, execute_one
 from .exceptions import StaleFence
+from .redaction import redact, redact_optional
 from .runs import CREATION_LOCK, TERMINAL_TASK_STATES
 
 log = logging.getLogger(__name__)
@@ -318,11 +319,13 @@ def _close(lease: Lease, *, task_state: str, attempt_state: str, exit_reason: st
            error_type: str | None = None, error_message: str | None = None, stack_trace: str | None = None,
            delay: float = 0.0, peak_memory_bytes: int | None = None,
            log_location: str | None = None) -> dict[str, Any]:
+    # Whatever an operator answers or raises may quote a credential: the last net before it is stored
+    # where every reader of the org sees it (by shape only; the udf operator also knows its token).
     row = _fast(_CLOSE, {
         "task_id": lease.task_id, "fence": lease.fence, "job_name": lease.job_name, "task_state": task_state,
-        "attempt_state": attempt_state, "exit_reason": exit_reason, "error_type": error_type,
-        "error_message": error_message, "stack_trace": stack_trace, "delay": delay,
-        "result": None if result is None else json.dumps(result, default=str),
+        "attempt_state": attempt_state, "exit_reason": exit_reason, "error_type": redact_optional(error_type),
+        "error_message": redact_optional(error_message), "stack_trace": redact_optional(stack_trace),
+        "delay": delay, "result": None if result is None else redact(json.dumps(result, default=str)),
         "peak_memory_bytes": peak_memory_bytes, "log_location": log_location,
     })
     assert row is not None

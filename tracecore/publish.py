@@ -58,10 +58,11 @@ from .dataset_schema import schema_fingerprint as fingerprint_of
 from .db import Base, created_at, db, uuid_pk
 from .exceptions import NotFound, PermissionDenied, TraceError, UserError, ValidationError
 from .lineage import record_lineage
+from .redaction import redact, redact_value
 from .settings import Settings
 from .storage import ObjectStore, check_key, object_store
-from .task_api import register
-from .tokens import Capability, secret_key, verify
+from .task_api import authenticate_token, register
+from .tokens import Capability, secret_key
 
 STRATEGIES = ("append", "replace", "upsert")
 MANIFEST_FIELDS = ("dataset", "schema_fingerprint", "row_count", "sha256", "key", "task_id", "fence")
@@ -204,7 +205,7 @@ def publish_rows(capability: Capability, dataset: str | None, rows: Any, *, stor
         name, columns, keys, current = found.name, found.schema, list(found.unique_key), found.current_version
     finally:
         db.session.rollback()  # a read: releases the share lock until buffer_publish takes it again
-    table = rows_table(rows, columns, keys)
+    table = rows_table(redact_value(rows), columns, keys)  # no token (of any attempt) lands in a dataset
     if columns is None and table.num_columns == 0:
         return PublishResult(0, 0, 0, name, current)
     fingerprint = fingerprint_of(columns if columns is not None else _columns_of(table, strict=False))
@@ -350,8 +351,9 @@ def _dead_letter(capability: Capability, target: _Target, dataset: datasets.Data
     db.session.rollback()
     letter = DeadLetter(org_id=uuid.UUID(capability.org_id), dataset_id=dataset_id, dataset_name=dataset_name,
                         task_id=uuid.UUID(capability.task_id), attempt_id=target.attempt_id, fence=capability.fence,
-                        reason=rejected.reason, message=rejected.message,
-                        details=json.loads(json.dumps(rejected.details, default=str)), manifest=dict(manifest))
+                        reason=rejected.reason, message=redact(rejected.message),
+                        details=redact_value(json.loads(json.dumps(rejected.details, default=str))),
+                        manifest=redact_value(json.loads(json.dumps(dict(manifest), default=str))))
     db.session.add(letter)
     db.session.commit()
     return BatchRejected(rejected.message, code=rejected.reason,
@@ -576,7 +578,7 @@ def publish_with_token(token: str, manifest: Mapping[str, Any], settings: Settin
     """The Celery task ``trace.buffer_publish``: the route's checks and answer, with ``status`` inside
     (a Celery result has no HTTP status); a refusal is an answer, not a task failure to retry."""
     try:
-        capability = verify(token, secret_key(settings))
+        capability = authenticate_token(token, secret_key(settings))
         return {"status": 200, **buffer_publish(capability, manifest, store=object_store(settings)).to_json()}
     except TraceError as exc:
         db.session.rollback()

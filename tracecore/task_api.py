@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import has_app_context
+from sqlalchemy import text
 
 from . import lease
-from .db import db
+from .db import db, execute_one
 from .exceptions import NotFound, PermissionDenied, StaleFence, TraceError, Unauthenticated, UserError
 from .tokens import Capability, verify
 
@@ -153,7 +154,56 @@ def authenticate(headers: Mapping[str, str], secret: bytes) -> Capability:
     token = bearer_token(headers)
     if token is None:
         raise Unauthenticated("send Authorization: Bearer <capability token>", code="missing_token")
-    return verify(token, secret)
+    return authenticate_token(token, secret)
+
+
+# Whether the token's attempt is still the task's live one: one indexed lookup (tasks by id,
+# attempts by the unique (task_id, fence)), on its own autocommit connection so that it holds no
+# transaction open in the handler's session.
+_ATTEMPT_LIVE = text("""
+SELECT tasks.fence AS task_fence, tasks.state AS task_state,
+       tasks.lease_expires_at IS NOT NULL AND tasks.lease_expires_at > now() AS lease_live,
+       attempts.state AS attempt_state
+FROM tasks LEFT JOIN attempts ON attempts.task_id = tasks.id AND attempts.fence = :fence
+WHERE tasks.id = :task_id AND tasks.org_id = :org_id AND tasks.run_id = :run_id
+""")
+
+
+def authenticate_token(token: str, secret: bytes) -> Capability:
+    """The token's capability, only while its attempt is live; else :class:`Unauthenticated`.
+
+    A signature and an expiry are not enough: a token copied out of a stored result or log must
+    not outlive its attempt. So the task's current fence must be the token's, the task running
+    under an unexpired lease, and the attempt of that fence still open. A token whose attempt
+    ended answers 401 ``token_attempt_ended`` (``details.reason``: ``fence_moved``,
+    ``attempt_closed``, ``lease_expired`` or ``unknown_task``). Every task API call, over either
+    transport and the Celery publish, comes through here; the worker's own writes do not (they
+    hold the lease itself and are fenced by their statements).
+    """
+    capability = verify(token, secret)
+    try:
+        params = {"task_id": uuid.UUID(capability.task_id), "org_id": uuid.UUID(capability.org_id),
+                  "run_id": uuid.UUID(capability.run_id), "fence": capability.fence}
+    except ValueError:
+        raise Unauthenticated("the token's claims name no task", code="invalid_token") from None
+    row = execute_one(_ATTEMPT_LIVE, params, durable=False)
+    reason = _ended_because(row, capability.fence)
+    if reason is not None:
+        raise Unauthenticated("the capability token's attempt has ended; a token works only while its attempt "
+                              "holds the task", code="token_attempt_ended", details={"reason": reason})
+    return capability
+
+
+def _ended_because(row: dict[str, Any] | None, fence: int) -> str | None:
+    if row is None:
+        return "unknown_task"
+    if row["task_fence"] != fence:
+        return "fence_moved"
+    if row["attempt_state"] != "running" or row["task_state"] != "running":
+        return "attempt_closed"
+    if not row["lease_live"]:
+        return "lease_expired"
+    return None
 
 
 def dispatch(method: str, path: str, headers: Mapping[str, str], body_bytes: bytes, secret: bytes, *,

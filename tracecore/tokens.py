@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import redaction
 from .dag_spec import Limits
 from .exceptions import Unauthenticated
 from .settings import Settings
@@ -48,7 +49,6 @@ PREFIX = "trc1"
 MAX_TOKEN_CHARS = 64 * 1024
 SECRET_FILE = "secret-key"
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
-_TOKEN_IN_TEXT = re.compile(r"trc1\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,8 @@ def verify(token: str, secret: bytes, *, now: float | None = None) -> Capability
 
 
 def redact_tokens(text: str) -> str:
-    """Hide anything shaped like a capability token (for log lines built from client input)."""
-    return _TOKEN_IN_TEXT.sub("trc1.[REDACTED]", text)
+    """Hide anything shaped like a capability or API token (for log lines built from client input)."""
+    return redaction.redact(text)
 
 
 def secret_key(settings: Settings) -> bytes:

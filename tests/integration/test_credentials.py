@@ -229,13 +229,14 @@ def test_a_stale_fence_gets_no_credentials_and_writes_nothing(app: Flask, make_l
     db.session.commit()
     newer = lease.take(leased.task_id, "w2", 60)
     assert newer is not None and newer.fence == leased.fence + 1
-    assert_error(old.call("POST", "/v1/task/credentials"), 409, "stale_fence")
-    assert_error(old.call("PUT", objects(key), b"late"), 409, "stale_fence")
+    # A token ends with its attempt (issue 11): the zombie's token no longer works at all.
+    assert_error(old.call("POST", "/v1/task/credentials"), 401, "token_attempt_ended")
+    assert_error(old.call("PUT", objects(key), b"late"), 401, "token_attempt_ended")
     assert not object_store(settings_of(app)).exists(key)
     current = mint(app, newer)
     assert current.call("PUT", objects(key), b"current")[0] == 201
-    # Reading needs no current fence: it changes nothing.
-    assert old.call("GET", objects(key))[0] == 200
+    assert current.call("GET", objects(key))[0] == 200
+    assert_error(old.call("GET", objects(key)), 401, "token_attempt_ended")
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

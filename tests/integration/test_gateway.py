@@ -172,12 +172,18 @@ def test_a_newer_lease_makes_the_old_token_stale(app: Flask, make_task: Callable
                                                 "WHERE id = :id"), {"id": task_id}).scalar_one())
 
         wait_for(expired, timeout=10, message="the first lease to expire")
+        # A token works only while its attempt holds the task (issue 11): a lapsed lease ends it...
+        status, body = call(gw.path, "GET", "/v1/task/whoami", old)
+        assert (status, body["error"]["code"], body["error"]["details"]["reason"]) == (
+            401, "token_attempt_ended", "lease_expired")
         second = lease.take(task_id, "w2", 60)
         assert second is not None and second.fence == first.fence + 1
         new = tokens.mint(tokens.for_lease(second, settings_of(app)), secret)
 
+        # ...and so does a newer lease.
         status, body = call(gw.path, "GET", "/v1/task/whoami", old)
-        assert (status, body["fence"], body["fence_current"]) == (200, first.fence, False)
+        assert (status, body["error"]["code"], body["error"]["details"]["reason"]) == (
+            401, "token_attempt_ended", "fence_moved")
         status, body = call(gw.path, "GET", "/v1/task/whoami", new)
         assert (status, body["fence"], body["fence_current"]) == (200, second.fence, True)
 

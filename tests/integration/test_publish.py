@@ -181,7 +181,7 @@ def test_a_stale_fence_is_409_and_writes_nothing(app: Flask, dag: Tenant, grant:
         status, body = task_api.dispatch("POST", "/v1/task/buffer-publish",
                                          {"Authorization": f"Bearer {tokens.mint(old, secret(app))}"},
                                          json.dumps({"manifest": manifest}).encode(), secret(app))
-        assert (status, body["error"]["code"]) == (409, "stale_fence"), body
+        assert (status, body["error"]["code"]) == (401, "token_attempt_ended"), body  # the token ended with it
     assert hot(dag.org_id, "events", "dedupe_key") == []
     assert current(dag.org_id, "events").current_version is None and dead_letters() == []
     attempt = db.session.execute(text("SELECT state FROM attempts WHERE task_id = :t AND fence = :f"),
