@@ -3,6 +3,16 @@
 Every row that belongs to a tenant carries ``org_id``; an API token is bound to one
 org and acts with its user's role there. Only a SHA-256 of a token is stored, so a
 leaked database does not leak credentials; the token itself is shown once.
+
+Three things are kept apart, because mixing them is how privilege leaks:
+
+- a *membership* gives a user a role in one org; an org's admins change memberships of
+  their own org only, and never leave it without an admin (``last_admin``);
+- a *token* is a credential for one user in one org. An org admin mints tokens only for
+  users the org *manages* (members of no other org, not installation admins): minting one
+  for anyone else would let the org act as a person whose standing lies elsewhere;
+- *installation power* (creating orgs) is held by a token minted with it on the host
+  (``trace up``), and only while its user is an installation admin. No API endpoint grants it.
 """
 
 from __future__ import annotations
@@ -15,7 +25,20 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, String, Uuid, func, select, text, update
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    String,
+    Uuid,
+    delete,
+    false,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .db import Base, created_at, db, execute_one, uuid_pk
@@ -75,6 +98,8 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = created_at()
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    installation_admin: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False,
+                                                     server_default=false())
 
 
 @dataclass(frozen=True)
@@ -108,7 +133,7 @@ def create_org(name: str) -> Org:
 
 
 def get_or_create_user(email: str, *, installation_admin: bool = False) -> User:
-    user = db.session.scalar(select(User).where(User.email == email))
+    user = find_user(email)
     if user is None:
         user = User(email=email, is_installation_admin=installation_admin)
         db.session.add(user)
@@ -116,32 +141,112 @@ def get_or_create_user(email: str, *, installation_admin: bool = False) -> User:
     return user
 
 
+def find_user(email: str) -> User | None:
+    return db.session.scalar(select(User).where(User.email == email))
+
+
+def is_managed_by(org_id: uuid.UUID, user: User) -> bool:
+    """Whether ``org_id``'s admins may mint credentials for ``user``: a user that is a member of
+    no other org and holds no installation power. Anyone else has standing the org does not own."""
+    if user.is_installation_admin:
+        return False
+    elsewhere = db.session.scalar(select(func.count()).select_from(Membership)
+                                  .where(Membership.user_id == user.id, Membership.org_id != org_id))
+    return not elsewhere
+
+
 def add_member(org: Org, user: User, role: Role) -> Membership:
+    """Make ``user`` a member of ``org`` with ``role``, or change the role of a member."""
     membership = db.session.get(Membership, (org.id, user.id))
     if membership is None:
         membership = Membership(org_id=org.id, user_id=user.id, role=role.name)
         db.session.add(membership)
+        db.session.flush()
     else:
-        membership.role = role.name
+        set_role(org.id, user.id, role)
+    forget_tokens()
+    return membership
+
+
+def _lock_memberships(org_id: uuid.UUID) -> None:
+    """Serialize changes to an org's memberships on the org's row: two admins demoting each other
+    at once take turns, so the second sees that it would leave the org without an admin."""
+    db.session.execute(select(Org.id).where(Org.id == org_id).with_for_update())
+
+
+def _refuse_last_admin(org_id: uuid.UUID, user_id: uuid.UUID, action: str) -> None:
+    admins = list(db.session.scalars(select(Membership.user_id).where(Membership.org_id == org_id,
+                                                                      Membership.role == Role.admin.name)))
+    if admins == [user_id]:
+        raise Conflict(f"cannot {action} the last admin of the org: make another member admin first",
+                       code="last_admin")
+
+
+def set_role(org_id: uuid.UUID, user_id: uuid.UUID, role: Role) -> Membership:
+    _lock_memberships(org_id)
+    membership = db.session.get(Membership, (org_id, user_id), populate_existing=True)
+    if membership is None:
+        raise NotFound("no such member in this org")
+    if membership.role == Role.admin.name and role < Role.admin:
+        _refuse_last_admin(org_id, user_id, "demote")
+    membership.role = role.name
     db.session.flush()
     forget_tokens()
     return membership
 
 
-def issue_token(org_id: uuid.UUID, user_id: uuid.UUID, name: str = "") -> tuple[ApiToken, str]:
-    """Create a token; the clear text is returned here and never again."""
+def remove_member(org_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """End a membership and revoke the member's tokens of this org (so re-adding them later
+    does not bring old credentials back)."""
+    _lock_memberships(org_id)
+    membership = db.session.get(Membership, (org_id, user_id), populate_existing=True)
+    if membership is None:
+        raise NotFound("no such member in this org")
+    if membership.role == Role.admin.name:
+        _refuse_last_admin(org_id, user_id, "remove")
+    db.session.execute(update(ApiToken).where(ApiToken.org_id == org_id, ApiToken.user_id == user_id,
+                                              ApiToken.revoked_at.is_(None)).values(revoked_at=func.now()))
+    db.session.execute(delete(Membership).where(Membership.org_id == org_id, Membership.user_id == user_id))
+    db.session.flush()
+    forget_tokens()
+
+
+def members(org_id: uuid.UUID) -> list[tuple[User, Membership]]:
+    return [(user, membership) for user, membership in db.session.execute(
+        select(User, Membership).join(Membership, Membership.user_id == User.id)
+        .where(Membership.org_id == org_id).order_by(User.email))]
+
+
+def issue_token(org_id: uuid.UUID, user_id: uuid.UUID, name: str = "", *,
+                installation_admin: bool = False) -> tuple[ApiToken, str]:
+    """Create a token; the clear text is returned here and never again.
+
+    ``installation_admin`` is for the host's bootstrap only (``trace up``); the power also needs
+    the user to be an installation admin when the token is used."""
     if db.session.get(Membership, (org_id, user_id)) is None:
         raise NotFound("no such member in this org")
+    if len(name) > 128:
+        raise ValidationError("a token name is at most 128 characters", path="name", code="too_long")
     clear = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(org_id=org_id, user_id=user_id, name=name, token_hash=hash_token(clear),
-                     display_prefix=clear[:10])
+                     display_prefix=clear[:10], installation_admin=installation_admin)
     db.session.add(token)
     db.session.flush()
     return token, clear
 
 
+def tokens_of(org_id: uuid.UUID, user_id: uuid.UUID | None = None) -> list[tuple[ApiToken, str]]:
+    """Live tokens of the org (or of one of its members) with their users' emails; no secrets."""
+    query = (select(ApiToken, User.email).join(User, User.id == ApiToken.user_id)
+             .where(ApiToken.org_id == org_id, ApiToken.revoked_at.is_(None)).order_by(ApiToken.created_at))
+    if user_id is not None:
+        query = query.where(ApiToken.user_id == user_id)
+    return [(token, email) for token, email in db.session.execute(query)]
+
+
 _AUTHENTICATE = text("""
-SELECT api_tokens.id, api_tokens.org_id, api_tokens.user_id, memberships.role, users.is_installation_admin,
+SELECT api_tokens.id, api_tokens.org_id, api_tokens.user_id, memberships.role,
+       api_tokens.installation_admin AND users.is_installation_admin AS is_installation_admin,
        EXTRACT(EPOCH FROM api_tokens.expires_at - now()) AS expires_in
 FROM api_tokens
 JOIN memberships ON memberships.org_id = api_tokens.org_id AND memberships.user_id = api_tokens.user_id
@@ -189,9 +294,12 @@ def forget_tokens() -> None:
     _recent.clear()
 
 
-def revoke_token(org_id: uuid.UUID, token_id: uuid.UUID) -> None:
-    result = db.session.execute(update(ApiToken).where(ApiToken.id == token_id, ApiToken.org_id == org_id)
-                                .values(revoked_at=func.now()))
+def revoke_token(org_id: uuid.UUID, token_id: uuid.UUID, *, user_id: uuid.UUID | None = None) -> None:
+    """Revoke a token of the org (of one member only when ``user_id`` is given)."""
+    query = update(ApiToken).where(ApiToken.id == token_id, ApiToken.org_id == org_id, ApiToken.revoked_at.is_(None))
+    if user_id is not None:
+        query = query.where(ApiToken.user_id == user_id)
+    result = db.session.execute(query.values(revoked_at=func.now()))
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise NotFound("no such token")
     forget_tokens()

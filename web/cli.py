@@ -49,15 +49,16 @@ def bootstrap_admin(settings: Settings) -> str:
     with app.app_context():
         if token_file.exists():
             try:
-                orgs.authenticate(token_file.read_text().strip())
-                return token_file.read_text().strip()
+                if orgs.authenticate(token_file.read_text().strip()).is_installation_admin:
+                    return token_file.read_text().strip()
             except Exception:
                 db.session.rollback()
         org = db.session.scalar(db.select(orgs.Org).where(orgs.Org.name == "default")) or orgs.create_org("default")
         user = orgs.get_or_create_user(settings.admin_email, installation_admin=True)
         user.is_installation_admin = True
         orgs.add_member(org, user, orgs.Role.admin)
-        _, clear = orgs.issue_token(org.id, user.id, name="admin (trace up)")
+        # Installation power is minted here, on the host, and through no API endpoint.
+        _, clear = orgs.issue_token(org.id, user.id, name="admin (trace up)", installation_admin=True)
         db.session.commit()
     token_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -276,6 +277,8 @@ def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
         body["email"] = args.email
     if args.role:
         body["role"] = args.role
+    if args.org:
+        body["org"] = args.org
     created = Client(settings).call("POST", "/v1/tokens", json=body)
     print(created["token"])
     print(f"for {created['email']} as {created['role']} in org {created['org']}; shown once", file=sys.stderr)
@@ -331,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name")
     create.add_argument("--email", help="admins: issue for this member (added if new)")
     create.add_argument("--role", choices=["reader", "writer", "admin"])
+    create.add_argument("--org", help="your own token for another org you are a member of")
     create.set_defaults(func=cmd_token_create)
     commands.add_parser("settings", help="list every TRACE_* setting").set_defaults(func=cmd_settings)
     return parser

@@ -165,7 +165,7 @@ def installation_admin(tenant: Tenant) -> dict[str, str]:
     user = orgs.get_or_create_user("root@install.example", installation_admin=True)
     org = db.session.get(orgs.Org, tenant.org_id)
     orgs.add_member(org, user, Role.admin)
-    _, token = orgs.issue_token(org.id, user.id)
+    _, token = orgs.issue_token(org.id, user.id, installation_admin=True)
     db.session.commit()
     return {"Authorization": f"Bearer {token}"}
 
