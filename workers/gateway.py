@@ -306,8 +306,8 @@ class TaskGateway:
         _remove_stale_socket(self.path)
         server = _Server(self.path, self.flask_app, self.expected_task_id, self.secret, **self.limits)
         try:
-            os.chmod(self.path, SOCKET_MODE)
-            info = os.stat(self.path)
+            os.chmod(self.path, SOCKET_MODE)  # just bound, before any sandbox runs: nothing swapped it yet
+            info = os.lstat(self.path)
             self._inode = (info.st_dev, info.st_ino)
             self._wake = os.pipe()
         except BaseException:
@@ -353,9 +353,10 @@ class TaskGateway:
         log.debug("gateway %s: stopped", self.expected_task_id)
 
     def _unlink(self) -> None:
-        """Remove the socket file, but only if it is still ours."""
+        """Remove the socket file, but only if it is still ours (lstat: a link the sandbox put in its
+        place is never followed, and is not ours)."""
         try:
-            info = os.stat(self.path)
+            info = os.lstat(self.path)
             if self._inode is None or (info.st_dev, info.st_ino) == self._inode:
                 os.unlink(self.path)
         except FileNotFoundError:

@@ -30,12 +30,13 @@ from tracecore.storage import object_store
 
 from ..gateway import TaskGateway
 from ..sandbox import RESULT_CAP_BYTES, Invocation, Outcome, SandboxLimits
+from ..sandbox.hostile_files import capped_work_dir, remove_work_dir
 from ..sandbox.select import backend_for
 from . import AttemptFailed, OperatorContext, OperatorResult
 
 _unpack_lock = threading.Lock()
 # Exit reasons that say the code is wrong, not that the machine hiccupped: retrying will not help.
-NOT_RETRYABLE = {"integrity_error", "init_error", "result_too_large"}
+NOT_RETRYABLE = {"integrity_error", "init_error", "result_too_large", "invalid_result"}
 
 
 def run(context: OperatorContext) -> OperatorResult:
@@ -54,18 +55,21 @@ def run(context: OperatorContext) -> OperatorResult:
     token = tokens.mint(capability, secret)
     limits = SandboxLimits(**_limits(lease.job_spec.get("limits") or {}))
     work_dir = Path(tempfile.mkdtemp(prefix=f"{lease.task_id}-{lease.fence}-", dir=_sandboxes_dir(settings)))
+    max_bytes = settings.sandbox_work_dir_max_bytes
     invocation = Invocation(
         bundle_dir=bundle_dir, runtime=bundle.runtime, handler=udf.get("entrypoint") or bundle.handler,
         event=_event(lease, capability), work_dir=work_dir, limits=limits,
         env={"TRACE_CAPABILITY_TOKEN": token},
         labels={"org.trace.task": str(lease.task_id), "org.trace.fence": str(lease.fence),
                 "org.trace.org": str(lease.org_id)},
-        secrets=(token, *_platform_secrets(settings)), function_name=lease.job_name)
+        secrets=(token, *_platform_secrets(settings)), function_name=lease.job_name, work_dir_max_bytes=max_bytes)
     try:
-        with TaskGateway(work_dir / "gateway.sock", context.app, lease.task_id, secret):
+        # The size-capped tmpfs first, then the gateway's socket in it (workers/sandbox/hostile_files.py).
+        with capped_work_dir(work_dir, max_bytes), TaskGateway(work_dir / "gateway.sock", context.app,
+                                                               lease.task_id, secret):
             outcome = backend_for(settings).run(invocation)
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        remove_work_dir(work_dir)
     log_location = _store_logs(store, lease, outcome)
     if outcome.exit_reason != "ok":
         raise AttemptFailed(Failure(outcome.exit_reason, outcome.error_type or outcome.exit_reason,

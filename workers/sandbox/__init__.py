@@ -15,10 +15,12 @@ from typing import Any, Protocol
 
 # Exit reasons an attempt can record (the issue's list; `ok` is success).
 EXIT_REASONS = ("ok", "error", "init_error", "timeout", "oom", "killed", "integrity_error", "sandbox_error",
-                "result_too_large")
+                "result_too_large", "invalid_result")
 
 LOG_CAP_BYTES = 1 << 20
 RESULT_CAP_BYTES = 256 << 10
+# The shared work dir's tmpfs size (TRACE_SANDBOX_WORK_DIR_MAX_BYTES; workers/sandbox/hostile_files.py).
+WORK_DIR_CAP_BYTES = 16 << 20
 TRUNCATION_MARK = "\n[... output truncated by Trace: {dropped} bytes not kept ...]\n"
 REDACTED = "[REDACTED]"
 
@@ -37,7 +39,8 @@ class SandboxLimits:
 @dataclass
 class Invocation:
     """One run of a bundle. ``work_dir`` is a private host folder mounted at /run/trace:
-    the event goes in, the result comes out, the gateway socket lives there."""
+    the event goes in, the result comes out, the gateway socket lives there. The backends
+    that share it make it a tmpfs of ``work_dir_max_bytes`` (0: a plain folder)."""
 
     bundle_dir: Path
     runtime: str
@@ -49,6 +52,7 @@ class Invocation:
     labels: dict[str, str] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()
     function_name: str = "trace-udf"
+    work_dir_max_bytes: int = WORK_DIR_CAP_BYTES
 
 
 @dataclass

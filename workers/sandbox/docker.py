@@ -4,7 +4,9 @@ No network at all (``network_mode=none``: only the container's own loopback, whe
 Runtime API listens), a read-only root with a tmpfs ``/tmp``, every capability
 dropped, ``no-new-privileges``, a non-root user, and memory (no swap), CPU and pids
 limits. The bundle is mounted read-only at ``/var/task``; a private folder at
-``/run/trace`` carries the event in, the result out, and the task gateway's socket.
+``/run/trace`` carries the event in, the result out, and the task gateway's socket. That
+folder is a size-capped tmpfs on the host, and the result is read from it as hostile input
+(:mod:`workers.sandbox.hostile_files`).
 The container is removed in every case, in the background once the outcome is known
 (the attempt does not wait for clean-up; :meth:`DockerBackend.drain` does); containers of
 a dead worker are found by their labels and removed by :meth:`DockerBackend.reap_orphans`.
@@ -33,7 +35,7 @@ from requests.exceptions import ReadTimeout
 
 from . import RUNTIME_IMAGES, CappedLog, Invocation, Outcome
 from .outcome import outcome as _outcome
-from .outcome import pid_alive
+from .outcome import pid_alive, work_area
 from .outcome import prepare_work_dir as _prepare_work_dir
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,16 @@ class DockerBackend:
         if image is None:
             return Outcome("sandbox_error", error_type="UnknownRuntime",
                            error_message=f"no runtime image for {invocation.runtime!r}")
-        _prepare_work_dir(invocation)
+        # The work dir is a size-capped tmpfs until the result is read (workers/sandbox/hostile_files.py).
+        with work_area(invocation):
+            try:
+                _prepare_work_dir(invocation)
+            except OSError as exc:  # e.g. an event larger than the work dir's cap
+                return Outcome("sandbox_error", error_type="WorkDirUnavailable",
+                               error_message=f"cannot prepare the sandbox's folder: {exc}")
+            return self._run(invocation, image)
+
+    def _run(self, invocation: Invocation, image: str) -> Outcome:
         started = time.monotonic()
         api = self.client.api
         # The low-level API throughout: the models layer would inspect the container after creating it, and

@@ -61,8 +61,8 @@ from typing import Any
 from tracecore.exceptions import PlatformError
 from tracecore.settings import Settings
 
-from . import LOG_CAP_BYTES, RUNTIME_IMAGES, CappedLog, Invocation, Outcome, SandboxLimits
-from .outcome import RESULT_MARKER, decide, parse_result, pid_alive
+from . import LOG_CAP_BYTES, RESULT_CAP_BYTES, RUNTIME_IMAGES, CappedLog, Invocation, Outcome, SandboxLimits
+from .outcome import RESULT_MARKER, RESULT_SLACK_BYTES, TOO_LARGE, decide, parse_result, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ UNWRITABLE_RESULT_FILE = "/.trace-no-result-file/result.json"
 BUNDLE_PREFIX = "fargate-bundles/"
 OVERRIDES_LIMIT_BYTES = 8192  # ECS: the JSON of a task's overrides
 KILL_GRACE_S = 1.5
+MAX_RESULT_PARSES = 16  # awslogs splits an event at 256 KB: the wrapper's document spans two or three
 STOP_WAIT_S = 120.0  # after stop_task: how long to wait for STOPPED before giving up on the answer
 LIVE_STATES = ("RUNNING", "DEACTIVATING", "STOPPING", "DEPROVISIONING")
 FOREIGN_STOPS = ("UserInitiated", "ServiceSchedulerInitiated", "SpotInterruption", "TerminationNotice")
@@ -554,10 +555,20 @@ def split_result(lines: list[str]) -> tuple[dict[str, Any] | str | None, list[st
     marker = max((index for index, line in enumerate(lines) if line.rstrip("\r\n") == RESULT_MARKER), default=None)
     if marker is None:
         return None, lines
-    # awslogs may split a long line into several events: join until the document parses.
-    text = ""
+    # awslogs may split a long line into several events: join until the document parses. The lines are the
+    # sandbox's to write: the joined size is bounded by the result cap, and parsing is tried only where a
+    # document can end, a bounded number of times (no quadratic re-parse of crafted lines).
+    text, size, tries = "", 0, 0
     for end in range(marker + 1, len(lines)):
         text += lines[end]
+        size += len(lines[end].encode("utf-8", errors="replace"))
+        if size > RESULT_CAP_BYTES + RESULT_SLACK_BYTES:
+            return TOO_LARGE, lines[:marker]
+        if not text.rstrip().endswith("}"):
+            continue
+        tries += 1
+        if tries > MAX_RESULT_PARSES:
+            break
         result = parse_result(text)
         if result is not None:
             return result, lines[:marker] + lines[end + 1:]

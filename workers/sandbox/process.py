@@ -11,8 +11,9 @@ Each invocation is a fresh ``bwrap`` sandbox running the same wrapper as the ima
   merged-usr links ``/bin``, ``/lib``...), the few ``/etc`` entries the dynamic loader and
   python need (not the whole ``/etc``: no ``passwd``, ``hosts``, secrets), the runtime dir at
   ``/opt/trace/runtime``, the bundle at ``/var/task``; the invocation's work dir read-write at
-  ``/run/trace`` (event in, result out, gateway socket); a 64 MB tmpfs ``/tmp``; ``/proc``; a
-  minimal ``/dev``.
+  ``/run/trace`` (event in, result out, gateway socket; a size-capped tmpfs on the host, its
+  result read as hostile input: :mod:`workers.sandbox.hostile_files`); a 64 MB tmpfs ``/tmp``;
+  ``/proc``; a minimal ``/dev``.
 * **User**: uid/gid 10001, no capabilities, an empty bounding set, ``no_new_privs``. As root
   (the usual worker) the drop is a real one: ``setpriv`` switches to host uid 10001 inside the
   sandbox. Why not ``bwrap --unshare-all --uid 10001``: as root that puts the sandbox in a user
@@ -27,9 +28,9 @@ Each invocation is a fresh ``bwrap`` sandbox running the same wrapper as the ima
   memory as ``RLIMIT_AS`` (``RLIMIT_DATA`` for ``nodejs``: V8 reserves gigabytes of address
   space at start and dies under ``RLIMIT_AS``), ``RLIMIT_NPROC`` for pids (counted for host uid
   10001, so concurrent sandboxes share it), ``RLIMIT_CPU`` (a bound on CPU seconds, above the
-  wall clock so a busy loop still ends as ``timeout``), ``RLIMIT_FSIZE`` 64 MB (the work dir is
-  on the host's disk), no core files; and a wall-clock deadline (the wrapper's own, then
-  SIGKILL to the sandbox from outside after a grace).
+  wall clock so a busy loop still ends as ``timeout``), ``RLIMIT_FSIZE`` 64 MB (per file: what
+  bounds writes where the work dir cannot be a capped tmpfs), no core files; and a wall-clock
+  deadline (the wrapper's own, then SIGKILL to the sandbox from outside after a grace).
 
 Weaker than docker, and it says so when constructed: the kernel is shared with no seccomp
 filter, there is no cgroup, so no memory accounting for the sandbox as a whole and no CPU
@@ -63,7 +64,7 @@ from typing import Any
 from tracecore.exceptions import PlatformError
 
 from . import CappedLog, Invocation, Outcome
-from .outcome import outcome, pid_alive, prepare_work_dir, read_result_file
+from .outcome import outcome, pid_alive, prepare_work_dir, read_result_file, work_area
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,16 @@ class ProcessBackend:
     # -- running -----------------------------------------------------------------------------
 
     def run(self, invocation: Invocation) -> Outcome:
-        prepare_work_dir(invocation)
+        # The work dir is a size-capped tmpfs until the result is read (workers/sandbox/hostile_files.py).
+        with work_area(invocation):
+            try:
+                prepare_work_dir(invocation)
+            except OSError as exc:  # e.g. an event larger than the work dir's cap
+                return Outcome("sandbox_error", error_type="WorkDirUnavailable",
+                               error_message=f"cannot prepare the sandbox's folder: {exc}")
+            return self._run(invocation)
+
+    def _run(self, invocation: Invocation) -> Outcome:
         limits = invocation.limits
         logs = CappedLog()
         started = time.monotonic()
@@ -152,7 +162,7 @@ class ProcessBackend:
                            logs_truncated=truncated, exit_code=exit_code,
                            error_message=f"the handler used up its CPU time ({_cpu_seconds(invocation):g} s)")
         oom = _looks_oom(result, bytes(logs.kept))
-        return outcome(invocation, exit_code, oom, killed_from_outside, logs, duration_ms)
+        return outcome(invocation, exit_code, oom, killed_from_outside, logs, duration_ms, result=result)
 
     def _environment(self, invocation: Invocation) -> dict[str, str]:
         """The wrapper's whole environment (the docker backend's contract plus what its image sets)."""
