@@ -5,6 +5,9 @@ This module is pure (stdlib, PyYAML, croniter, and pyarrow through
 all validate a DAG the same way without a database. Whatever the platform needs
 from outside (the operator catalog, jobs of other DAGs) is passed in by the caller.
 
+Every number a DAG declares has a minimum and a maximum, listed in one table
+(``tracecore.dag_bounds``); a value outside is ``out_of_range``.
+
 Every problem found is reported, not only the first, because a user fixing a DAG
 file wants the whole list in one round trip: one ``ValidationError`` is raised whose
 code, path and message are the first problem's and whose ``details["errors"]`` lists
@@ -27,6 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from tracecore import dataset_schema
+from tracecore.dag_bounds import Bound, bounds
 from tracecore.dag_text import _invalid_body, _load, _type_name, parse_duration, parse_memory_mb
 from tracecore.dag_triggers import MAX_TRIGGER_NODES, Batch, TriggerRules, _trigger_jobs
 from tracecore.exceptions import ValidationError
@@ -37,7 +41,7 @@ EXECUTION_STRATEGIES = ("PerUpdate", "Batched")
 UPDATE_STRATEGIES = ("append", "replace", "upsert")
 REFRESH_MODES = ("manual", "auto")
 JOB_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-MAX_RETRIES_LIMIT = 100
+MAX_RETRIES_LIMIT = int(bounds()["max_retries"].high)
 # Aliases let a few YAML lines expand into huge or self-referencing trees; these
 # bounds keep validation (and later JSON encoding) linear in the document's size.
 MAX_CONFIG_DEPTH = 64
@@ -237,8 +241,9 @@ class _Parser(TriggerRules):
     """One validation pass; accumulates errors instead of raising at the first one."""
 
     def __init__(self, operators: Mapping[str, OperatorInfo],
-                 external_outputs: Callable[[str], int | None]) -> None:
+                 external_outputs: Callable[[str], int | None], limits: Mapping[str, Bound]) -> None:
         self.operators = operators
+        self.bounds = limits
         self.external_outputs = external_outputs
         self.errors: list[dict[str, str]] = []
         self.first_details: dict[str, Any] = {}
@@ -277,21 +282,33 @@ class _Parser(TriggerRules):
             self.error(code, path, f"{value!r} is not one of {', '.join(choices)}", known=list(choices))
         return None
 
-    def integer(self, value: Any, path: str, low: int = 0, high: int | None = None) -> int | None:
-        if self.check(value, "integer", path):
-            if value >= low and (high is None or value <= high):
-                return value
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            self.error("invalid_value", path, f"must be {bound}, got {value}")
+    def integer(self, value: Any, path: str, bound: str) -> int | None:
+        """An int within ``self.bounds[bound]`` (``out_of_range`` outside it)."""
+        if self.check(value, "integer", path) and self.bounded(value, path, bound):
+            return value
         return None
 
-    def duration(self, value: Any, path: str) -> float | None:
+    def bounded(self, value: float, path: str, bound: str) -> bool:
+        """Whether ``value`` lies within the documented bounds of its field (``tracecore.dag_bounds``)."""
+        limits = self.bounds[bound]
+        if limits.holds(value):
+            return True
+        got = f"{value:g}" if isinstance(value, float) else _short(value)
+        self.error("out_of_range", path, f"{path.rsplit('.', 1)[-1]} must be {limits.describe()}, got {got}",
+                   minimum=limits.low, maximum=limits.high)
+        return False
+
+    def duration(self, value: Any, path: str, bound: str) -> float | None:
+        """Seconds (``parse_duration``: finite, > 0) within the field's bounds."""
         if self.check(value, "string" if isinstance(value, str) else "number", path,
                       "duration (like '5m') or number of seconds"):
             try:
-                return parse_duration(value)
+                seconds = parse_duration(value)
             except ValueError as exc:
                 self.error("invalid_duration", path, str(exc))
+                return None
+            if self.bounded(seconds, path, bound):
+                return seconds
         return None
 
     def resolve(self, name: str) -> tuple[bool, int | None]:
@@ -383,10 +400,10 @@ class _Parser(TriggerRules):
             "execution_strategy": lambda v, p, i: self.enum(v, p, EXECUTION_STRATEGIES,
                                                             "unknown_execution_strategy"),
             "update_strategy": lambda v, p, i: self.enum(v, p, UPDATE_STRATEGIES, "unknown_update_strategy"),
-            "idle_timeout": lambda v, p, i: self.duration(v, p),
+            "idle_timeout": lambda v, p, i: self.duration(v, p, "idle_timeout"),
             "outputs": lambda v, p, i: self.job_outputs(v, p, i),
-            "max_retries": lambda v, p, i: self.integer(v, p, 0, MAX_RETRIES_LIMIT),
-            "max_concurrency": lambda v, p, i: self.integer(v, p, 1),
+            "max_retries": lambda v, p, i: self.integer(v, p, "max_retries"),
+            "max_concurrency": lambda v, p, i: self.integer(v, p, "max_concurrency"),
             "description": lambda v, p, i: v if self.check(v, "string", p) else None,
             "trigger": lambda v, p, i: self.trigger(v, p, i, 0, [MAX_TRIGGER_NODES]),
             "refresh": lambda v, p, i: self.enum(v, p, REFRESH_MODES, "invalid_value"),
@@ -417,7 +434,9 @@ class _Parser(TriggerRules):
     def job_outputs(self, value: Any, path: str, i: int) -> int | tuple[dict[str, Any], ...] | None:
         """A count (int form) or one declaration per output (list form)."""
         if not _KINDS["list"](value):
-            return self.integer(value, path)
+            return self.integer(value, path, "outputs")
+        if not self.bounded(len(value), path, "outputs"):
+            return None
         declarations = []
         for k, item in enumerate(value):
             declared, problems = dataset_schema.check_output_declaration(item, f"{path}[{k}]")
@@ -462,17 +481,22 @@ class _Parser(TriggerRules):
         if spec is None:
             return None
         cpu, memory, timeout = spec.get("cpu", Limits.cpu), Limits.memory_mb, Limits.timeout_s
-        if self.check(cpu, "number", f"{path}.cpu") and not (math.isfinite(cpu) and cpu > 0):
-            self.error("invalid_value", f"{path}.cpu", f"cpu must be a number > 0, got {cpu}")
+        if self.check(cpu, "number", f"{path}.cpu"):
+            if not math.isfinite(cpu):
+                self.error("invalid_value", f"{path}.cpu", f"cpu must be a finite number, got {cpu}")
+            else:
+                self.bounded(cpu, f"{path}.cpu", "limits.cpu")
         if "memory" in spec and self.check(spec["memory"], "string" if isinstance(spec["memory"], str)
                                            else "integer", f"{path}.memory", "integer MB or size like '1GB'"):
             try:
                 memory = parse_memory_mb(spec["memory"])
             except ValueError as exc:
                 self.error("invalid_value", f"{path}.memory", str(exc))
+            else:
+                self.bounded(memory, f"{path}.memory", "limits.memory")
         if "timeout" in spec:
-            timeout = self.duration(spec["timeout"], f"{path}.timeout") or timeout
-        pids = self.integer(spec.get("pids", Limits.pids), f"{path}.pids", 1)
+            timeout = self.duration(spec["timeout"], f"{path}.timeout", "limits.timeout") or timeout
+        pids = self.integer(spec.get("pids", Limits.pids), f"{path}.pids", "limits.pids")
         return Limits(float(cpu) if _KINDS["number"](cpu) else 0.0, memory, timeout, pids or Limits.pids)
 
     def job_inputs(self, value: Any, path: str, i: int) -> tuple[InputRef, ...] | None:
@@ -502,7 +526,8 @@ class _Parser(TriggerRules):
                                f"no job {job!r} in this DAG or elsewhere in the organization")
                 elif job in self.first_index:
                     self.edges.append((job, i, f"{item_path}.from.job"))
-            if output is not None and (output := self.integer(output, f"{item_path}.from.output")) is not None:
+            if output is not None and (output := self.integer(output, f"{item_path}.from.output",
+                                                              "inputs.output")) is not None:
                 if exists and count is not None and output >= count:
                     self.error("unknown_output", f"{item_path}.from.output",
                                f"job {job!r} has {count} output(s); output {output} does not exist")
@@ -570,14 +595,14 @@ class _Parser(TriggerRules):
         elif len(kinds) == 2:
             self.error("invalid_value", path, "schedule takes exactly one of 'cron' and 'every'")
         cron = self.cron(spec["cron"], f"{path}.cron") if "cron" in spec else None
-        every = self.duration(spec["every"], f"{path}.every") if "every" in spec else None
+        every = self.duration(spec["every"], f"{path}.every", "schedule.every") if "every" in spec else None
         timezone = spec.get("timezone", "UTC")
         if self.check(timezone, "string", f"{path}.timezone"):
             try:
                 ZoneInfo(timezone)
             except (ZoneInfoNotFoundError, ValueError, OSError):
                 self.error("invalid_value", f"{path}.timezone", f"unknown time zone {timezone!r} (IANA names)")
-        catch_up = self.integer(spec.get("catch_up", 0), f"{path}.catch_up")
+        catch_up = self.integer(spec.get("catch_up", 0), f"{path}.catch_up", "schedule.catch_up")
         return Schedule(cron, every, timezone, catch_up or 0)
 
     def cron(self, value: Any, path: str) -> str | None:
@@ -594,13 +619,20 @@ class _Parser(TriggerRules):
 
 def parse_dag(body: bytes | str | object, *, content_type: str | None = None,
               external_outputs: Callable[[str], int | None] = lambda name: None,
-              operators: Mapping[str, OperatorInfo]) -> DagSpec:
+              operators: Mapping[str, OperatorInfo], limits: Mapping[str, Bound] | None = None) -> DagSpec:
     """Parse raw YAML/JSON text or an already-parsed object into a validated DagSpec.
 
     ``external_outputs(name)`` tells how many outputs a job outside this DAG has
     (another DAG of the org, or a platform source such as ``block_follower``), or
     None if there is no such job; a job of this DAG wins over an external one.
-    Raises ValidationError listing every problem in ``details["errors"]``.
+    ``limits`` are the numeric bounds (``tracecore.dag_bounds.bounds(settings)``; default: the
+    settings' defaults). Raises ValidationError listing every problem in ``details["errors"]``.
     """
     data = _load(body, content_type) if isinstance(body, (bytes, str)) else body
-    return _Parser(operators, external_outputs).parse(data)
+    return _Parser(operators, external_outputs, limits or bounds()).parse(data)
+
+
+def _short(value: Any) -> str:
+    """A number for a message: a 400-digit int is not echoed whole."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"

@@ -77,9 +77,10 @@ class TriggerRules:
         spec = self.mapping(value, path, ("window", "max_updates"))
         if spec is None:
             return None
-        window = self.duration(spec["window"], f"{path}.window") if "window" in spec else Batch.window_s
-        most = self.integer(spec["max_updates"], f"{path}.max_updates", 1, 10_000) if "max_updates" in spec \
-            else Batch.max_updates
+        window = self.duration(spec["window"], f"{path}.window", "batch.window") if "window" in spec \
+            else Batch.window_s
+        most = self.integer(spec["max_updates"], f"{path}.max_updates", "batch.max_updates") \
+            if "max_updates" in spec else Batch.max_updates
         return Batch(window_s=window or Batch.window_s, max_updates=most or Batch.max_updates)
 
     def trigger(self, node: Any, path: str, i: int, depth: int, budget: list[int]) -> dict[str, Any] | None:
@@ -119,7 +120,7 @@ class TriggerRules:
         children = [self.trigger(child, f"{at}[{k}]", i, depth + 1, budget) for k, child in enumerate(value)]
         if kind == "all_of":
             return {"all_of": children}
-        timeout = self.duration(spec["timeout"], f"{path}.timeout") if "timeout" in spec else None
+        timeout = self.duration(spec["timeout"], f"{path}.timeout", "trigger.timeout") if "timeout" in spec else None
         return {"any_of": children, "timeout_s": timeout}
 
     def when_sql(self, sql: str, path: str) -> None:

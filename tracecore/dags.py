@@ -14,6 +14,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from flask import current_app
 from sqlalchemy import (
     DateTime,
     ForeignKey,
@@ -32,6 +33,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from . import bundles, datasets, operators
+from .appctx import settings_of
+from .dag_bounds import bounds
 from .dag_spec import DagSpec, default_output_datasets, parse_dag
 from .db import Base, created_at, db, uuid_pk
 from .exceptions import Conflict, NotFound, ValidationError
@@ -99,7 +102,7 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
         return operators.PLATFORM_SOURCES.get(job_name)
 
     spec = parse_dag(body, content_type=content_type, external_outputs=external_outputs,
-                     operators=operators.CATALOG)
+                     operators=operators.CATALOG, limits=bounds(settings_of(current_app)))
     _check_bundles(org_id, spec)
     for index, job in enumerate(spec.jobs):
         if job.name in other_jobs:

@@ -145,7 +145,7 @@ BAD_DAGS = [
     pytest.param("- name: 7\n  runtime: platform\n  operator: noop\n", "invalid_type", "jobs[0].name",
                  id="name-not-string"),
     pytest.param("- just a string\n", "invalid_type", "jobs[0]", id="job-not-mapping"),
-    pytest.param(job("a", "max_retries: -1"), "invalid_value", "jobs[0].max_retries", id="negative-retries"),
+    pytest.param(job("a", "max_retries: -1"), "out_of_range", "jobs[0].max_retries", id="negative-retries"),
     pytest.param(job("Bad Name"), "invalid_value", "jobs[0].name", id="bad-job-name"),
     pytest.param("- name: a\n  runtime: [platform\n", "invalid_body", "", id="malformed-yaml"),
     pytest.param("- name: a\n  name: b\n  runtime: platform\n  operator: noop\n", "invalid_body", "",
