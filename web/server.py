@@ -1,19 +1,20 @@
 """`trace api`: the API under granian (WSGI; each worker process runs requests on a pool of
-blocking threads, so a long-poll does not block others)."""
+blocking threads; long polls are capped to part of them, ``web.long_polls``)."""
 
 from __future__ import annotations
 
-import os
-
 from tracecore.settings import Settings
+
+from .long_polls import api_threads_default
 
 
 def serve(settings: Settings, *, workers: int = 2, threads: int | None = None) -> None:
     """Serve on ``settings``' host and port. Each worker process builds its app from ``TRACE_*``
     itself (web/wsgi.py), so settings reach it through the environment, not this argument.
-    ``threads`` per worker default to granian's own ceiling, twice the cores plus one: enough
-    for long-polls to wait beside ordinary requests without oversubscribing the interpreter."""
-    threads = threads or (os.cpu_count() or 1) * 2 + 1
+    ``threads`` per worker (``TRACE_API_THREADS``) default to granian's own ceiling, twice the
+    cores plus one; long polls may hold only part of them (``web.long_polls``), so ordinary
+    requests of every org always find a thread."""
+    threads = threads or settings.api_threads or api_threads_default()
     from granian import Granian
     from granian.constants import Interfaces
     from granian.log import LogLevels

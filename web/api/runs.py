@@ -15,6 +15,7 @@ from tracecore.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
 from workers.app import enqueue
 
 from ..auth import current
+from ..long_polls import SLOTS, WaitCaps
 from . import Blueprint
 from .triggers import rate_limited_runs
 
@@ -38,7 +39,9 @@ class RunQuery(Schema):
 
 class RunWait(Schema):
     wait = fields.Float(load_default=0, validate=validate.Range(0, 30),
-                        metadata={"description": "Seconds to wait for the run to finish before answering"})
+                        metadata={"description": "Seconds to wait for the run to finish before answering. Waits "
+                                                 "are capped per user, per org and per API process: past a cap "
+                                                 "the run is answered at once (header Trace-Wait: refused)"})
 
 
 class AttemptOut(Schema):
@@ -143,13 +146,20 @@ def list_runs(query: dict) -> ResponseReturnValue:
 @blp.arguments(RunWait, location="query")
 @blp.response(200, RunOut)
 def get_run(query: dict, run_id: str) -> ResponseReturnValue:
+    """A run with its tasks and attempts. ``wait`` long-polls for its end, within the caps of
+    ``web.long_polls`` (a wait past them answers at once, ``Trace-Wait: refused``, ``Retry-After``)."""
     principal = current()
     run = runs.get_run(principal.org_id, run_id)
+    headers: dict[str, str] = {}
     if run.state not in TERMINAL_RUN_STATES and query["wait"] > 0:
         db.session.rollback()  # no transaction held open while waiting
-        _wait_for_finish(str(run.id), query["wait"])
+        caps = WaitCaps.of(current_app.config["TRACE_SETTINGS"])
+        with SLOTS.hold(caps, principal.org_id, principal.user_id) as held:
+            if held:
+                _wait_for_finish(str(run.id), query["wait"])
+        headers = {"Trace-Wait": "held"} if held else {"Trace-Wait": "refused", "Retry-After": "1"}
         run = runs.get_run(principal.org_id, run_id)
-    return _run_out(run, detail=True, names=_job_names({run.job_id} if run.job_id else set()))
+    return _run_out(run, detail=True, names=_job_names({run.job_id} if run.job_id else set())), 200, headers
 
 
 def _wait_for_finish(run_id: str, seconds: float) -> None:
