@@ -90,9 +90,15 @@ def clock() -> list[float]:
 
 @shared_task(name=REAP_SANDBOXES, ignore_result=True)
 def reap_sandboxes() -> int:
-    """Remove sandboxes whose worker died (SIGKILL leaves its container behind)."""
+    """Remove sandboxes whose worker died (SIGKILL leaves its container behind, and its work dir's tmpfs)."""
+    from .sandbox.hostile_files import reap_work_dirs
     from .sandbox.select import backend_for
 
+    settings = flask_app.config["TRACE_SETTINGS"]
+    try:
+        reap_work_dirs(settings.home_path / "sandboxes", settings.max_job_timeout + 300)
+    except OSError:
+        log.warning("sandbox reaper could not sweep work dirs", exc_info=True)
     try:
         return backend_for(flask_app.config["TRACE_SETTINGS"]).reap_orphans()
     except Exception:  # no engine here (yet): nothing to reap; the next beat tries again

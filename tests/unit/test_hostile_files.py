@@ -193,3 +193,26 @@ def test_a_populated_folder_is_not_hidden_under_a_mount(tmp_path: Path) -> None:
     (work / "keep").write_bytes(b"1")
     with capped_work_dir(work, 1 << 20) as capped:
         assert capped is False and (work / "keep").read_bytes() == b"1"
+
+
+def test_work_dirs_older_than_any_run_are_reaped_live_ones_are_kept(tmp_path: Path) -> None:
+    from workers.sandbox.hostile_files import mount_tmpfs, reap_work_dirs
+
+    parent = tmp_path / "sandboxes"
+    stale, live, plain = parent / "stale", parent / "live", parent / "plain-stale"
+    for folder in (stale, live, plain):
+        folder.mkdir(parents=True)
+    (parent / ".process-pids").mkdir()
+    mount_tmpfs(stale, 1 << 20)
+    mount_tmpfs(live, 1 << 20)
+    (plain / "left").write_bytes(b"x")
+    old = 1_000_000_000.0
+    os.utime(stale, (old, old))
+    os.utime(plain, (old, old))
+    try:
+        assert reap_work_dirs(parent, 3600) == 2
+        assert not stale.exists() and not plain.exists()
+        assert os.path.ismount(live) and (parent / ".process-pids").is_dir()
+    finally:
+        remove_work_dir(live)
+    assert reap_work_dirs(tmp_path / "missing", 1) == 0

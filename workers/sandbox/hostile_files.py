@@ -42,6 +42,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,3 +198,27 @@ def remove_work_dir(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     except RecursionError:
         log.warning("sandbox work dir %s is nested too deep to remove", path)
+
+
+def reap_work_dirs(parent: Path, max_age_s: float) -> int:
+    """Remove work dirs a killed worker left under ``parent`` (its tmpfs would hold memory until reboot).
+
+    A work dir's last change (its folder's mtime: the event and the gateway socket are made at the start)
+    older than ``max_age_s``, the longest a run can last, belongs to no live run. Answers how many.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if age > max_age_s:
+            remove_work_dir(Path(entry.path))
+            removed += 1
+    return removed
