@@ -15,6 +15,7 @@ the same fenced buffer-publish as the gateway's; a refused publish fails the att
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tracecore import bundles, publish, tokens
+from tracecore import bundles, publish, redaction, tokens
 from tracecore.exceptions import StaleFence, TraceError
 from tracecore.lease import Failure
 from tracecore.settings import Settings
@@ -70,6 +71,7 @@ def run(context: OperatorContext) -> OperatorResult:
             outcome = backend_for(settings).run(invocation)
     finally:
         remove_work_dir(work_dir)
+    outcome = redacted(outcome, (*redaction.token_secrets(token), *_platform_secrets(settings)))
     log_location = _store_logs(store, lease, outcome)
     if outcome.exit_reason != "ok":
         raise AttemptFailed(Failure(outcome.exit_reason, outcome.error_type or outcome.exit_reason,
@@ -84,6 +86,18 @@ def run(context: OperatorContext) -> OperatorResult:
     if isinstance(response, dict) and isinstance(response.get("rows"), list):
         _publish_returned(capability, response["rows"], store, outcome, log_location)
     return OperatorResult(response, peak_memory_bytes=outcome.peak_memory_bytes, log_location=log_location)
+
+
+def redacted(outcome: Outcome, secrets: tuple[str, ...]) -> Outcome:
+    """The outcome with every credential taken out of what the sandbox said: answer (rows included,
+    so none is published either), error, stack trace and logs. Done here, once the backend has read
+    the result, because everything after it stores or publishes it (DESIGN.md: never in logs)."""
+    return dataclasses.replace(
+        outcome, response=redaction.redact_value(outcome.response, secrets),
+        error_type=redaction.redact_optional(outcome.error_type, secrets),
+        error_message=redaction.redact_optional(outcome.error_message, secrets),
+        stack_trace=redaction.redact_optional(outcome.stack_trace, secrets),
+        logs=redaction.redact(outcome.logs, secrets))
 
 
 def _publish_returned(capability: tokens.Capability, rows: list[Any], store: Any, outcome: Outcome,
