@@ -33,8 +33,10 @@ is read through the Query Service only). A prefix is a key prefix of the store, 
 checked like a key and always ends in ``/``, so ``v1/`` never grants ``v10/``. IAM wildcards and
 policy variables (``*``, ``?``, ``$``) are refused in prefixes: the policy must match literally.
 
-A token whose fence is no longer current gets nothing (409 ``stale_fence``), and neither does a
-PUT made with it: a zombie attempt must not be able to write into the task's output prefix.
+A token whose attempt has ended gets nothing, not even a read (401 ``token_attempt_ended``, at
+authentication: ``task_api.authenticate_token``); one whose fence moves during the call gets 409
+``stale_fence``, and neither does a PUT made with it: a zombie attempt must not be able to write
+into the task's output prefix.
 """
 
 from __future__ import annotations

@@ -593,3 +593,13 @@ def test_a_hostile_handler_cannot_leak_its_token(client: FlaskClient, tenant: Te
         assert response.status_code == 401 and response.json["error"]["code"] == "token_attempt_ended", response.json
     if mode == "rows":
         assert all(row[0] != "replayed" for row in _rows("leaks", tenant.org_id))
+
+
+def test_the_redaction_shapes_follow_the_token_formats() -> None:
+    """redaction.py imports nothing of the platform: its prefixes must still be the minters' own."""
+    from tracecore import orgs
+
+    assert redaction.CAPABILITY_PREFIX == tokens.PREFIX and redaction.API_TOKEN_PREFIX == orgs.TOKEN_PREFIX
+    api_token = orgs.TOKEN_PREFIX + "x" * 43
+    assert redaction.redact(f"a {api_token} b") == "a trc_[REDACTED] b"
+    assert redaction.redact("display prefix trc_abcdef stays") == "display prefix trc_abcdef stays"
