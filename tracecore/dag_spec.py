@@ -481,11 +481,12 @@ class _Parser(TriggerRules):
         if spec is None:
             return None
         cpu, memory, timeout = spec.get("cpu", Limits.cpu), Limits.memory_mb, Limits.timeout_s
+        valid_cpu = False
         if self.check(cpu, "number", f"{path}.cpu"):
-            if not math.isfinite(cpu):
+            if isinstance(cpu, float) and not math.isfinite(cpu):  # an int is finite, however large
                 self.error("invalid_value", f"{path}.cpu", f"cpu must be a finite number, got {cpu}")
             else:
-                self.bounded(cpu, f"{path}.cpu", "limits.cpu")
+                valid_cpu = self.bounded(cpu, f"{path}.cpu", "limits.cpu")
         if "memory" in spec and self.check(spec["memory"], "string" if isinstance(spec["memory"], str)
                                            else "integer", f"{path}.memory", "integer MB or size like '1GB'"):
             try:
@@ -497,7 +498,7 @@ class _Parser(TriggerRules):
         if "timeout" in spec:
             timeout = self.duration(spec["timeout"], f"{path}.timeout", "limits.timeout") or timeout
         pids = self.integer(spec.get("pids", Limits.pids), f"{path}.pids", "limits.pids")
-        return Limits(float(cpu) if _KINDS["number"](cpu) else 0.0, memory, timeout, pids or Limits.pids)
+        return Limits(float(cpu) if valid_cpu else Limits.cpu, memory, timeout, pids or Limits.pids)
 
     def job_inputs(self, value: Any, path: str, i: int) -> tuple[InputRef, ...] | None:
         if not self.check(value, "list", path):

@@ -490,8 +490,12 @@ class _ExportWriter:
         self.pending: list[pa.RecordBatch] = []  # parquet: the row group being gathered
         self.pending_bytes = self.pending_rows = 0
         self.file: BinaryIO = tempfile.TemporaryFile()
-        self.writer: Any = pq.ParquetWriter(self.file, schema) if fmt == "parquet" else pacsv.CSVWriter(
-            self.file, schema)
+        try:
+            self.writer: Any = pq.ParquetWriter(self.file, schema) if fmt == "parquet" else pacsv.CSVWriter(
+                self.file, schema)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as exc:
+            self.file.close()
+            raise QueryError(f"the result cannot be written as {fmt}: {exc}; try parquet") from None
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.fmt == "parquet":
@@ -534,6 +538,9 @@ class _ExportWriter:
         return Export(key=key, format=self.fmt, bytes=size)
 
     def discard(self) -> None:
+        """Drop a half-written file: the writer is closed first (else it writes its footer on collection)."""
+        with contextlib.suppress(Exception):
+            self.writer.close()
         self.file.close()
 
 
