@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
 from tests.conftest import Tenant
-from tracecore import dataset_admin, datasets, tokens
+from tracecore import dags, dataset_admin, datasets, lease, runs, tokens
 from tracecore.appctx import settings_of
 from tracecore.audit import AuditLog
 from tracecore.db import db
@@ -233,13 +233,17 @@ def test_saved_queries_are_private_or_shared_with_the_org(client: FlaskClient,
 # -- the task API -------------------------------------------------------------------
 
 
-def task_token(app: Flask, org_id: uuid.UUID, inputs: list[dict[str, Any]], run_id: str | None = None) -> str:
-    task_id = str(uuid.uuid4())
-    capability = tokens.Capability(task_id=task_id, run_id=run_id or str(uuid.uuid4()), attempt=1, fence=1,
-                                   org_id=str(org_id),
-                                   job="enrich", inputs=tuple(inputs), output_prefix=f"outputs/{org_id}/enrich/",
-                                   scratch_prefix=f"scratch/{org_id}/{task_id}/1/", issued_at=int(time.time()),
-                                   expires_at=int(time.time()) + 300)
+def task_token(app: Flask, org_id: uuid.UUID, inputs: list[dict[str, Any]],
+               triggered_by: uuid.UUID | None = None) -> str:
+    """The token of a live attempt (a token works only while its attempt holds the task) of a run
+    of ``enrich``, pinning ``inputs``."""
+    dags.save_dag(org_id, "task-tokens", "- name: enrich\n  runtime: platform\n  operator: noop\n",
+                  content_type="application/yaml", user_id=None)
+    _, task_id = runs.create_run(org_id=org_id, job_name="enrich", cause="manual", triggered_by=triggered_by)
+    db.session.commit()
+    held = lease.take(task_id, "test-worker", 300)
+    assert isinstance(held, lease.Lease)
+    capability = tokens.for_lease(held, settings_of(app), inputs=inputs)
     return tokens.mint(capability, tokens.secret_key(settings_of(app)))
 
 
@@ -265,13 +269,7 @@ def test_a_task_export_lands_under_its_scratch_prefix_and_pii_is_audited(app: Fl
     publish_parquet(app, tenant.org_id, "people", [1, 2, 3], pii=True)
     # The run is triggered by the org's writer: without a PII grant for them, nothing is read.
     writer = db.session.scalar(select(User.id).where(User.email == "writer@acme.example"))
-    run_id = uuid.uuid4()
-    db.session.execute(text("INSERT INTO runs (id, org_id, cause, triggered_by, parameters, config_overrides, "
-                            "state, open_tasks, failed_tasks) "
-                            "VALUES (:id, :org, 'manual', :user, '{}', '{}', 'queued', 1, 0)"),
-                       {"id": run_id, "org": tenant.org_id, "user": writer})
-    db.session.commit()
-    token = task_token(app, tenant.org_id, [{"dataset": "people", "version": 1}], run_id=str(run_id))
+    token = task_token(app, tenant.org_id, [{"dataset": "people", "version": 1}], triggered_by=writer)
     refused = task_query(client, token, "SELECT * FROM people")
     assert refused.status_code == 403 and refused.json["error"]["code"] == "pii_not_granted"
     granted = client.post("/v1/datasets/people/pii-grants", json={"email": "writer@acme.example"},
