@@ -208,7 +208,8 @@ def reap_work_dirs(parent: Path, max_age_s: float) -> int:
     """
     removed = 0
     try:
-        entries = list(os.scandir(parent))
+        with os.scandir(parent) as listing:
+            entries = list(listing)
     except FileNotFoundError:
         return 0
     for entry in entries:
