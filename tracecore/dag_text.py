@@ -6,7 +6,6 @@ Split from ``dag_spec`` (which validates the structure) so each stays small; bot
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -15,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from tracecore.exceptions import ValidationError
+from tracecore import strict_json
+from tracecore.exceptions import UserError, ValidationError
 
 _YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -71,9 +71,26 @@ def parse_memory_mb(value: str | int) -> int:
     return int(mb)
 
 
+# A DAG file is small: these bound what a hostile one costs (an alias bomb, deep nesting).
+MAX_YAML_NODES = 100_000
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (a silently dropped value hides a mistake)
-    and keeps dates as strings (a date could not be stored in the JSON config)."""
+    """SafeLoader that rejects duplicate keys (a silently dropped value hides a mistake),
+    keeps dates as strings (a date could not be stored in the JSON config) and refuses nesting
+    deeper than ``strict_json.MAX_DEPTH`` while composing (the composer recurses per level)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > strict_json.MAX_DEPTH + 1:
+                raise strict_json.TooDeep(f"the DAG nests more than {strict_json.MAX_DEPTH} levels deep",
+                                          details={"limit": strict_json.MAX_DEPTH})
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value != "<<"]
@@ -104,16 +121,22 @@ def _load(body: bytes | str, content_type: str | None) -> Any:
     try:
         text = body.decode("utf-8-sig") if isinstance(body, bytes) else body
         if is_json:
-            return json.loads(text, object_pairs_hook=_no_duplicates)
-        return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: safe
+            return strict_json.loads(text, object_pairs_hook=_no_duplicates, what="the DAG")
+        value = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: safe
+        # What JSON (and PostgreSQL's jsonb) can hold: no NaN, NUL, surrogates, huge integers, binary.
+        strict_json.check_value(value, max_nodes=MAX_YAML_NODES, what="the DAG")
+        return value
+    except UserError as exc:
+        # Unparsable JSON stays ``invalid_body``; depth, size, numbers and strings keep their own codes.
+        raise _invalid_body(exc.message, "invalid_body" if exc.code == "invalid_json" else exc.code) from None
     except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as exc:
         raise _invalid_body(f"cannot parse the DAG: {exc}") from None
 
 
-def _invalid_body(message: str) -> ValidationError:
+def _invalid_body(message: str, code: str = "invalid_body") -> ValidationError:
     """The body as a whole is unusable; listed in ``details["errors"]`` like any other problem."""
-    return ValidationError(message, path="", code="invalid_body",
-                           details={"errors": [{"code": "invalid_body", "path": "", "message": message}]})
+    return ValidationError(message, path="", code=code,
+                           details={"errors": [{"code": code, "path": "", "message": message}]})
 
 
 def _type_name(value: Any) -> str:

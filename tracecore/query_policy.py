@@ -35,6 +35,7 @@ from typing import Any
 import duckdb
 
 from .exceptions import UserError
+from .strict_json import nesting_depth
 
 # Table functions that read nothing but their arguments. Everything else (read_*, glob, sniff_csv,
 # query, query_table, duckdb_*, pragma_*, parquet_metadata, ...) is refused by name.
@@ -42,6 +43,7 @@ ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "json
 # Scalar functions that tell about the host or write somewhere.
 FORBIDDEN_FUNCTIONS = frozenset({"current_setting", "getenv", "write_log"})
 MAX_SQL_CHARS = 100_000
+MAX_TREE_DEPTH = 500  # levels of json_serialize_sql's tree: ~165 levels of nested SQL (the walk recurses per level)
 _PATHLIKE = re.compile(r"[/\\:.]")
 # The checker's own connection: no data, nothing to load, a small memory limit.
 _CHECK_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
@@ -52,6 +54,12 @@ class QueryError(UserError):
     """The user's SQL failed in DuckDB (syntax, unknown table or column, bad cast, ...)."""
 
     code = "query_error"
+
+
+class QueryTooComplex(UserError):
+    """The SQL nests subqueries or expressions deeper than the checker analyses."""
+
+    code = "query_too_complex"
 
 
 class NotSelect(UserError):
@@ -105,7 +113,12 @@ def check_sql(sql: str, visible: Iterable[str] | None, *, connection: duckdb.Duc
     finally:
         if own:
             con.close()
-    tree = json.loads(rows[0][0])
+    serialized = rows[0][0].encode()
+    # About three levels of tree per level of SQL nesting; deeper would exhaust Python's recursion.
+    if nesting_depth(serialized, MAX_TREE_DEPTH) > MAX_TREE_DEPTH:
+        raise QueryTooComplex(f"the SQL nests too deeply to analyse (its parse tree passes {MAX_TREE_DEPTH} levels)",
+                              details={"limit": MAX_TREE_DEPTH})
+    tree = json.loads(serialized)
     if tree.get("error"):
         raise QueryError(clean_message(str(tree.get("error_message") or "the statement cannot be analysed")))
     found: set[str] = set()

@@ -18,7 +18,6 @@ serve the same routes without importing each module themselves.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import threading
 import uuid
@@ -29,7 +28,7 @@ from typing import Any
 from flask import has_app_context
 from sqlalchemy import text
 
-from . import lease
+from . import lease, strict_json
 from .db import db, execute_one
 from .exceptions import NotFound, PermissionDenied, StaleFence, TraceError, Unauthenticated, UserError
 from .tokens import Capability, verify
@@ -242,8 +241,12 @@ def dispatch(method: str, path: str, headers: Mapping[str, str], body_bytes: byt
         if exc.http_status >= 500:
             log.error("task API %s %s failed: %s", method, path, exc.message)
         return exc.http_status, {"error": exc.to_dict()}
-    except Exception:  # a bug must answer the sandbox, not kill the transport's thread
+    except Exception as exc:  # a bug must answer the sandbox, not kill the transport's thread
         _rollback()
+        bad = strict_json.as_bad_input(exc)  # bad input past validation is still the caller's 400
+        if bad is not None:
+            log.warning("task API %s %s: bad input reached a handler: %r", method, path, exc)
+            return bad.http_status, {"error": bad.to_dict()}
         log.exception("task API %s %s: unhandled error", method, path)
         return 500, error_body("internal_error", "internal error; see the worker's log")
 
@@ -253,10 +256,7 @@ def _json_body(body_bytes: bytes) -> dict[str, Any]:
         raise PayloadTooLarge(f"the body exceeds {MAX_BODY_BYTES} bytes")
     if not body_bytes.strip():
         return {}
-    try:
-        body = json.loads(body_bytes)
-    except ValueError:
-        raise UserError("the body is not JSON", code="invalid_json") from None
+    body = strict_json.loads(body_bytes)  # depth, NaN, huge integers, NUL, surrogates: 400
     if not isinstance(body, dict):
         raise UserError("the body must be a JSON object", code="invalid_json")
     return body

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import math
 import secrets
 import time
@@ -272,11 +271,9 @@ def verify_webhook(settings: Settings, trigger: WebhookTrigger, timestamp: str |
 
 def parse_body(body: bytes) -> dict[str, Any]:
     from .exceptions import ValidationError
+    from .strict_json import loads
 
-    try:
-        value = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError("the body is not JSON", code="invalid_json") from None
+    value = loads(body or b"{}")  # depth, NaN, huge integers, NUL, surrogates: 400 with their code
     if not isinstance(value, dict):
         raise ValidationError("the body must be a JSON object", code="invalid_json")
     return value

@@ -9,7 +9,7 @@ from tracecore.appctx import create_base_app
 from tracecore.settings import Settings
 from workers.app import make_celery
 
-from . import auth, errors
+from . import auth, edge, errors
 from .api import bundles, dag_runs, dags, datasets, health, orgs, query, runs, triggers
 from .api import task as task_api_blueprint
 
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                    task_api_blueprint):
         api.register_blueprint(module.blp)
     errors.register(app)  # after Api: replaces flask-smorest's own error shape
+    edge.register(app)  # strict JSON; the path and query string checked before authentication
     app.before_request(auth.load_principal)
     make_celery(app)
     return app

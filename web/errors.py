@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from tracecore.db import db
 from tracecore.exceptions import TraceError
+from tracecore.strict_json import as_bad_input
 
 log = logging.getLogger(__name__)
 
@@ -46,5 +47,9 @@ def register(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> ResponseReturnValue:
         db.session.rollback()
+        bad = as_bad_input(exc)  # a backstop: bad input that slipped past validation is still a 400
+        if bad is not None:
+            log.warning("bad input reached %s unvalidated: %r", request.path, exc)
+            return error_response(bad.http_status, bad.code, bad.message)
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal error; see the server log")
