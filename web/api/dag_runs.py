@@ -12,7 +12,7 @@ from tracecore.db import db
 from tracecore.orgs import Role
 
 from ..auth import current
-from . import Blueprint
+from . import NAME_MAX, Blueprint
 from .triggers import rate_limited_runs
 
 blp = Blueprint("dag_runs", __name__, url_prefix="/v1", description="Runs of whole DAGs, and re-runs")
@@ -27,8 +27,8 @@ class RerunCreate(Schema):
                           metadata={"description": "self: the job alone, without its upstream; downstream: the job "
                                                    "and everything downstream of it; failed: the tasks that ended "
                                                    "dead_letter or canceled, and their downstream"})
-    job = fields.String(load_default=None, metadata={"description": "The job (self, downstream); required when "
-                                                                    "the run has several jobs"})
+    job = fields.String(load_default=None, validate=validate.Length(1, NAME_MAX),
+                        metadata={"description": "The job (self, downstream); required when the run has several jobs"})
 
 
 class DagRunCreated(Schema):

@@ -20,13 +20,14 @@ from tracecore.db import db
 from tracecore.orgs import Org, Role
 
 from ..auth import current
-from . import Blueprint
+from . import EMAIL_MAX, INT32_MAX, NAME_MAX, ORG_NAME_MAX, SEARCH_MAX, Blueprint
 
 blp = Blueprint("datasets", __name__, url_prefix="/v1", description="Datasets: catalog, versions, lineage, grants")
 
 
 class DatasetSearchQuery(Schema):
-    search = fields.String(load_default=None, metadata={"description": "Matches name or description, any case"})
+    search = fields.String(load_default=None, validate=validate.Length(max=SEARCH_MAX),
+                           metadata={"description": "Matches name or description, any case"})
 
 
 class DatasetSummaryOut(Schema):
@@ -107,7 +108,7 @@ class DatasetOut(DatasetSummaryOut):
 
 
 class DatasetRollbackIn(Schema):
-    version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    version = fields.Integer(required=True, strict=True, validate=validate.Range(1, INT32_MAX))
 
 
 class DatasetRedactIn(Schema):
@@ -119,8 +120,9 @@ class DatasetRedactOut(Schema):
 
 
 class DatasetGrantIn(Schema):
-    dataset = fields.String(required=True)
-    org = fields.String(required=True, metadata={"description": "The name of the org to share with"})
+    dataset = fields.String(required=True, validate=validate.Length(1, NAME_MAX))
+    org = fields.String(required=True, validate=validate.Length(1, ORG_NAME_MAX),
+                        metadata={"description": "The name of the org to share with"})
 
 
 class DatasetGrantOut(Schema):
@@ -130,7 +132,7 @@ class DatasetGrantOut(Schema):
 
 
 class PiiGrantIn(Schema):
-    email = fields.String(required=True)
+    email = fields.String(required=True, validate=validate.Length(1, EMAIL_MAX))
 
 
 class PiiGrantOut(Schema):
@@ -140,7 +142,8 @@ class PiiGrantOut(Schema):
 
 
 class LineageQuery(Schema):
-    asset = fields.String(load_default=None, metadata={"description": "A dataset name; none: the org's whole graph"})
+    asset = fields.String(load_default=None, validate=validate.Length(1, NAME_MAX),
+                          metadata={"description": "A dataset name; none: the org's whole graph"})
 
 
 class LineageOut(Schema):

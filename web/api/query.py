@@ -23,7 +23,7 @@ from tracecore.query_policy import MAX_SQL_CHARS
 from tracecore.storage import object_store
 
 from ..auth import current
-from . import Blueprint
+from . import INT32_MAX, Blueprint
 
 blp = Blueprint("query", __name__, url_prefix="/v1",
                 description="The Query Service: read-only SQL over datasets, saved queries, downloads")
@@ -35,7 +35,7 @@ _CHUNK = 256 * 1024
 class QueryIn(Schema):
     sql = fields.String(required=True, validate=validate.Length(1, MAX_SQL_CHARS),
                         metadata={"description": "Exactly one SELECT; datasets are tables named as in the catalog"})
-    limit = fields.Integer(load_default=None, validate=validate.Range(min=1),
+    limit = fields.Integer(load_default=None, validate=validate.Range(1, INT32_MAX),
                            metadata={"description": "Most rows to answer (capped by TRACE_QUERY_ROW_LIMIT)"})
     format = fields.String(load_default="json", validate=validate.OneOf(saved_queries.FORMATS),
                            metadata={"description": "json: rows inline (a large result becomes a download); "

@@ -16,7 +16,7 @@ from workers.app import enqueue
 
 from ..auth import current
 from ..long_polls import SLOTS, WaitCaps
-from . import Blueprint
+from . import NAME_MAX, Blueprint
 from .triggers import rate_limited_runs
 
 blp = Blueprint("runs", __name__, url_prefix="/v1", description="Runs, their tasks and attempts")
@@ -32,7 +32,7 @@ class RunCreated(Schema):
 
 
 class RunQuery(Schema):
-    job = fields.String(load_default=None)
+    job = fields.String(load_default=None, validate=validate.Length(1, NAME_MAX))
     status = fields.String(load_default=None, validate=validate.OneOf(list(RUN_TRANSITIONS)))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 500))
 
