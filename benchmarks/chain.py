@@ -31,7 +31,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import percentile, running_platform  # noqa: E402
+from benchmarks.harness import percentile, running_platform
 
 ANCHORS = (("Hatchet", 31.0), ("Temporal", 74.0), ("Airflow", 2900.0))
 GOAL_P95_MS = 20.0

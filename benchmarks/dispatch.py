@@ -29,8 +29,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import percentile, running_platform  # noqa: E402
-from tracecore.lease import RUN_FINISHED_CHANNEL  # noqa: E402
+from benchmarks.harness import percentile, running_platform
+from tracecore.execution.lease import RUN_FINISHED_CHANNEL
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracecore.embedded import EmbeddedServices, free_port  # noqa: E402
-from tracecore.migrate import upgrade  # noqa: E402
-from tracecore.settings import Settings  # noqa: E402
+from tracecore.db.migrate import upgrade
+from tracecore.infra.embedded import EmbeddedServices, free_port
+from tracecore.settings import Settings
 
 
 @dataclass

@@ -4,7 +4,7 @@ In the same run, on the same embedded PostgreSQL and the same rows:
 
 - the baseline: a plain ``COPY`` of the rows (pre-rendered as CSV, so only the server's work
   and the wire are timed) into an unconstrained table with the same column types;
-- Trace: ``tracecore.publish.buffer_publish`` in-process, end to end: fence check, reading the
+- Trace: ``tracecore.data.publish.buffer_publish`` in-process, end to end: fence check, reading the
   Parquet batch from the local object store, SHA-256, schema and unique-key validation, COPY
   into a temp table, ``INSERT ... SELECT ... ON CONFLICT (org_id, dedupe_key) DO NOTHING`` into
   the hot table (its unique index maintained), the new version, lineage, commit;
@@ -39,15 +39,22 @@ import pyarrow.csv as pacsv
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracecore import dags, lease, orgs, publish, runs, tokens  # noqa: E402
-from tracecore.appctx import create_base_app  # noqa: E402
-from tracecore.batches import encode  # noqa: E402
-from tracecore.dataset_schema import arrow_schema, normalize_schema, schema_fingerprint  # noqa: E402
-from tracecore.db import db, libpq_url  # noqa: E402
-from tracecore.embedded import EmbeddedServices  # noqa: E402
-from tracecore.migrate import upgrade  # noqa: E402
-from tracecore.settings import Settings  # noqa: E402
-from tracecore.storage import object_store  # noqa: E402
+from tracecore.appctx import create_base_app
+from tracecore.dags import catalog as dags
+from tracecore.data import publish
+from tracecore.data.batches import encode
+from tracecore.data.schema import arrow_schema, normalize_schema, schema_fingerprint
+from tracecore.db.engine import db, libpq_url
+from tracecore.db.migrate import upgrade
+from tracecore.execution import (
+    lease,
+    runs,
+    tokens,
+)
+from tracecore.infra.embedded import EmbeddedServices
+from tracecore.infra.storage import object_store
+from tracecore.settings import Settings
+from tracecore.tenancy import orgs
 
 COLUMNS = normalize_schema([{"name": "dedupe_key", "type": "string", "nullable": False},
                             {"name": "block", "type": "int64"}, {"name": "score", "type": "float64"},

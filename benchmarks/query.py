@@ -4,7 +4,7 @@ In the same run, on the same files and rows:
 
 - raw DuckDB: a fresh connection, ``read_parquet`` of the files (the baseline; goal: the Query
   Service within 1.2x of it);
-- the engine, ``tracecore.query.run_query`` with the dataset's view (fresh locked database,
+- the engine, ``tracecore.query.engine.run_query`` with the dataset's view (fresh locked database,
   SQL policy, registration, JSON rows);
 - ``POST /v1/query`` through the Flask app in-process (test client: no HTTP socket), which adds
   authentication, ``datasets.views_for_user`` and the JSON answer;
@@ -43,12 +43,12 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracecore import query  # noqa: E402
-from tracecore.db import libpq_url  # noqa: E402
-from tracecore.embedded import EmbeddedServices  # noqa: E402
-from tracecore.migrate import upgrade  # noqa: E402
-from tracecore.settings import Settings  # noqa: E402
-from tracecore.storage import LocalObjectStore  # noqa: E402
+from tracecore.db.engine import libpq_url
+from tracecore.db.migrate import upgrade
+from tracecore.infra.embedded import EmbeddedServices
+from tracecore.infra.storage import LocalObjectStore
+from tracecore.query import engine as query
+from tracecore.settings import Settings
 
 SQL = "SELECT address, count(*) AS n, sum(value) AS total FROM {table} GROUP BY address"
 THREADS = 2
@@ -166,7 +166,7 @@ def main() -> None:
 
 
 def _view(keys: list[str], dataset_id: uuid.UUID | None = None, org_id: uuid.UUID | None = None) -> Any:
-    from tracecore.datasets import DatasetView
+    from tracecore.data.datasets import DatasetView
 
     return DatasetView(dataset_id=dataset_id or uuid.uuid4(), org_id=org_id or uuid.uuid4(), name="bench", version=1,
                        parquet_keys=tuple(keys), hot_table=None,
@@ -175,8 +175,9 @@ def _view(keys: list[str], dataset_id: uuid.UUID | None = None, org_id: uuid.UUI
 
 def _through_api(settings: Settings, store: LocalObjectStore, keys: list[str]) -> Callable[[], Any]:
     """The dataset declared and versioned for real, queried with an API token through the app."""
-    from tracecore import datasets, orgs
-    from tracecore.db import db
+    from tracecore.data import datasets
+    from tracecore.db.engine import db
+    from tracecore.tenancy import orgs
     from web.app import create_app
 
     upgrade(settings.database_url or "")

@@ -1,7 +1,7 @@
 """Sandbox overhead: a trivial UDF end to end, beside a bare `docker run` of the same image.
 
-Trace: a `udf` job (a real bundle stored with ``tracecore.bundles.save_bundle``, a DAG saved with
-``tracecore.dags.save_dag``: ``runtime: lambda, operator: udf``) gets a run row per iteration, outside
+Trace: a `udf` job (a real bundle stored with ``tracecore.execution.bundles.save_bundle``, a DAG saved with
+``tracecore.dags.catalog.save_dag``: ``runtime: lambda, operator: udf``) gets a run row per iteration, outside
 the timed span; then ``workers.dispatcher.execute(app, task_id, enqueue)`` is timed in this process,
 inside an app context as a Celery worker runs it: lease -> bundle check -> token -> gateway ->
 container -> response -> attempt recorded. The attempt must succeed.
@@ -33,11 +33,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import docker  # noqa: E402
+import docker
 
-from tracecore.embedded import EmbeddedServices, free_port  # noqa: E402
-from tracecore.migrate import upgrade  # noqa: E402
-from tracecore.settings import Settings  # noqa: E402
+from tracecore.db.migrate import upgrade
+from tracecore.infra.embedded import EmbeddedServices, free_port
+from tracecore.settings import Settings
 
 GOAL_P50_MS, GOAL_P95_MS, GOAL_RATIO = 200.0, 300.0, 1.15
 BUNDLES = {  # runtime: (handler, files, bare command)
@@ -85,10 +85,12 @@ def main() -> None:
     client = docker.from_env(version="auto", timeout=60)
     try:
         upgrade(settings.database_url or "")
-        from tracecore import bundles, dags, orgs, runs
         from tracecore.appctx import create_base_app
-        from tracecore.db import db
-        from tracecore.storage import object_store
+        from tracecore.dags import catalog as dags
+        from tracecore.db.engine import db
+        from tracecore.execution import bundles, runs
+        from tracecore.infra.storage import object_store
+        from tracecore.tenancy import orgs
         from workers.dispatcher import execute
         from workers.sandbox import RUNTIME_IMAGES, Invocation
         from workers.sandbox.select import backend_for

@@ -10,8 +10,8 @@ from tracecore.settings import Settings
 
 
 def run(settings: Settings) -> None:
-    from tracecore import embedded
     from tracecore.appctx import create_base_app
+    from tracecore.infra import embedded
     from tracecore.settings import configure
     from workers.app import make_celery
 

@@ -1,6 +1,6 @@
 """DAG runs as a Celery canvas, and the canvas task that runs one task of a DAG run.
 
-The canvas follows :func:`tracecore.dag_runs.shape`: a series is a chain, a parallel step a
+The canvas follows :func:`tracecore.execution.dag_runs.shape`: a series is a chain, a parallel step a
 group, so jobs whose inputs are satisfied run as a group and a job with several upstreams is
 the callback of a chord over them (a group followed by a step is a chord in Celery). A part
 of the DAG with no exact layout runs level by level. All signatures are immutable (``.si``):
@@ -8,7 +8,7 @@ results are not passed along, the database holds them.
 
 Correctness under at-least-once delivery does not rest on the chord:
 
-* ``execute_dag_task`` first asks the database (:func:`tracecore.dag_runs.gate`) whether
+* ``execute_dag_task`` first asks the database (:func:`tracecore.execution.dag_runs.gate`) whether
   every upstream task of the same run succeeded. A chord fired early (a header message
   delivered twice counts twice in the Redis backend) finds an upstream still open and
   retries itself later instead of running.
@@ -33,8 +33,8 @@ from celery import Celery, chain, group
 from celery.canvas import Signature
 from flask import Flask
 
-from tracecore import dag_runs
-from tracecore.dag_spec import DagSpec
+from tracecore.dags.spec import DagSpec
+from tracecore.execution import dag_runs
 from workers.app import EXECUTE_DAG_TASK
 
 log = logging.getLogger(__name__)

@@ -33,11 +33,11 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
-from tracecore.dag_triggers import _trigger_jobs
-from tracecore.dags import Job
-from tracecore.db import db
+from tracecore.dags.catalog import Job
+from tracecore.dags.trigger_spec import _trigger_jobs
+from tracecore.dags.triggers import TriggerFiring
+from tracecore.db.engine import db
 from tracecore.exceptions import NotFound
-from tracecore.triggers import TriggerFiring
 
 from . import conditions
 from .ledger import fire_once, lock_job

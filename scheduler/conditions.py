@@ -19,13 +19,13 @@ from collections import OrderedDict
 from flask import current_app
 from sqlalchemy import text
 
-from tracecore import query
 from tracecore.appctx import settings_of
-from tracecore.dags import Job
-from tracecore.datasets import Dataset, views_for_condition
-from tracecore.db import db, libpq_url
+from tracecore.dags.catalog import Job
+from tracecore.data.datasets import Dataset, views_for_condition
+from tracecore.db.engine import db, libpq_url
 from tracecore.exceptions import TraceError, UserError
-from tracecore.storage import object_store
+from tracecore.infra.storage import object_store
+from tracecore.query import engine as query
 
 _REMEMBERED = 2048
 _answers: OrderedDict[tuple[uuid.UUID, str, tuple[tuple[uuid.UUID, int | None], ...]], bool | str] = OrderedDict()
@@ -39,7 +39,7 @@ class ConditionError(UserError):
 
 def input_datasets(job: Job) -> list[Dataset]:
     """The datasets behind the job's inputs (platform sources have none)."""
-    from tracecore.publish import pinned_inputs
+    from tracecore.data.publish import pinned_inputs
 
     try:
         pins = pinned_inputs(job.org_id, job.spec)

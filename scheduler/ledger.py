@@ -15,9 +15,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from tracecore import runs
-from tracecore.dags import Job
-from tracecore.db import db
+from tracecore.dags.catalog import Job
+from tracecore.db.engine import db
+from tracecore.execution import runs
 
 _CLAIM = text("INSERT INTO trigger_firings (id, org_id, job_id, key, run_id, outcome, detail) "
               "VALUES (:id, :org_id, :job_id, :key, :run_id, :outcome, :detail) "

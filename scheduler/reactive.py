@@ -42,13 +42,13 @@ from flask import current_app
 from sqlalchemy import func, or_, select, text
 
 from tracecore.appctx import settings_of
-from tracecore.dag_triggers import Batch
-from tracecore.dags import Job
-from tracecore.dataset_schema import parse_partition_key
-from tracecore.datasets import Dataset
-from tracecore.db import db
+from tracecore.dags.catalog import Job
+from tracecore.dags.trigger_spec import Batch
+from tracecore.data.datasets import Dataset
+from tracecore.data.schema import parse_partition_key
+from tracecore.db.engine import db
 from tracecore.exceptions import NotFound, ValidationError
-from tracecore.runs import Run, Task
+from tracecore.execution.runs import Run, Task
 
 from . import conditions
 from .ledger import claim, fire_once, lock_job

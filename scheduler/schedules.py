@@ -1,4 +1,4 @@
-"""The database-backed beat scheduler: job schedules are rows (``tracecore.triggers``).
+"""The database-backed beat scheduler: job schedules are rows (``tracecore.dags.triggers``).
 
 We write a small ``celery.beat.Scheduler`` subclass instead of using
 ``sqlalchemy-celery-beat``: that library keeps its own tables and session (not our
@@ -21,8 +21,8 @@ from celery.beat import Scheduler
 from flask import Flask
 
 from scheduler import composite, reactive
-from tracecore import triggers
-from tracecore.db import db
+from tracecore.dags import triggers
+from tracecore.db.engine import db
 from workers.app import enqueue
 
 log = logging.getLogger(__name__)

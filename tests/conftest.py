@@ -27,9 +27,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
-from tracecore.db import db, sqlalchemy_url
-from tracecore.embedded import EmbeddedServices
-from tracecore.migrate import upgrade
+from tracecore.db.engine import db, sqlalchemy_url
+from tracecore.db.migrate import upgrade
+from tracecore.infra.embedded import EmbeddedServices
 from tracecore.settings import Settings, configure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ class Tenant:
 
 @pytest.fixture
 def make_tenant(app: Flask) -> Callable[[str], Tenant]:
-    from tracecore import orgs
+    from tracecore.tenancy import orgs
 
     def make(name: str) -> Tenant:
         org = orgs.create_org(name)
@@ -248,8 +248,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: flo
 def leased_capability(app: Flask, org_id: uuid.UUID, job: str) -> Any:
     """A capability token for a fresh manual run of ``job``, leased as a worker would (for
     publishing as that job's task without a sandbox)."""
-    from tracecore import lease, publish, runs, tokens
     from tracecore.appctx import settings_of
+    from tracecore.data import publish
+    from tracecore.execution import lease, runs, tokens
 
     _, task_id = runs.create_run(org_id=org_id, job_name=job, cause="manual", triggered_by=None)
     db.session.commit()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tracecore.operators import OperatorInfo, register
+from tracecore.execution.operators import OperatorInfo, register
 from workers.operators import OperatorContext
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import operators
-from .db import db, sqlalchemy_url
-from .settings import Settings, get_settings
+from tracecore.db.engine import db, sqlalchemy_url
+from tracecore.execution import operators
+from tracecore.settings import Settings, get_settings
 
 
 def create_base_app(settings: Settings | None = None, name: str = "trace") -> Flask:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import current_app, g, request
 
 from tracecore.exceptions import PermissionDenied, Unauthenticated
-from tracecore.orgs import Principal, Role, authenticate
+from tracecore.tenancy.orgs import Principal, Role, authenticate
 
 PUBLIC_ENDPOINTS = {"health.healthz", "api-docs.openapi_json", "static"}
 

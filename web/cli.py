@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tracecore import embedded
+from tracecore.infra import embedded
 from tracecore.settings import Settings, configure, get_settings
 
 ADMIN_TOKEN_FILE = "admin-token"
@@ -30,7 +30,7 @@ class CliError(Exception):
 # ---------------------------------------------------------------- running the platform
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    from tracecore.migrate import upgrade
+    from tracecore.db.migrate import upgrade
 
     settings = embedded.attach(settings)
     upgrade(settings.database_url or "")
@@ -40,9 +40,9 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 def bootstrap_admin(settings: Settings) -> str:
     """On first start: org `default`, an admin user and their token in TRACE_HOME/admin-token (0600)."""
-    from tracecore import orgs
     from tracecore.appctx import create_base_app
-    from tracecore.db import db
+    from tracecore.db.engine import db
+    from tracecore.tenancy import orgs
 
     token_file = settings.home_path / ADMIN_TOKEN_FILE
     app = create_base_app(settings)
@@ -69,7 +69,7 @@ def bootstrap_admin(settings: Settings) -> str:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from tracecore.migrate import upgrade
+    from tracecore.db.migrate import upgrade
 
     services = embedded.EmbeddedServices(settings.home_path)
     children: list[subprocess.Popen[bytes]] = []

@@ -1,6 +1,6 @@
 """The API's edge: what any request must be before a handler sees it.
 
-- JSON bodies are decoded by ``tracecore.strict_json`` whoever asks for them (webargs through
+- JSON bodies are decoded by ``tracecore.infra.strict_json`` whoever asks for them (webargs through
   ``web.api.JsonBodyParser``, ``request.get_json`` through the app's JSON provider): depth,
   NaN/Infinity, huge integers, NUL and lone surrogates are a 400 with their own code.
 - The path and the query string may not carry NUL or lone surrogates (PostgreSQL text cannot
@@ -15,8 +15,8 @@ from typing import Any
 from flask import Flask, request
 from flask.json.provider import DefaultJSONProvider
 
-from tracecore import strict_json
 from tracecore.exceptions import UserError
+from tracecore.infra import strict_json
 
 # No path parameter names anything longer (names are at most 128 characters, ids are UUIDs,
 # emails 254); the query string carries a few short parameters.

@@ -8,9 +8,9 @@ from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from tracecore.db import db
+from tracecore.db.engine import db
 from tracecore.exceptions import TraceError
-from tracecore.strict_json import as_bad_input
+from tracecore.infra.strict_json import as_bad_input
 
 log = logging.getLogger(__name__)
 

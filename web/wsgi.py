@@ -7,7 +7,7 @@ import gc
 
 from flask import Flask
 
-from tracecore import embedded
+from tracecore.infra import embedded
 from tracecore.settings import Settings, configure
 
 

@@ -88,7 +88,7 @@ def dataset_updated(flask_app: Flask, dataset_id: uuid.UUID | str, version: int)
 
 def create_worker_app() -> Celery:
     """Entry point for ``celery -A workers.app:create_worker_app``-style loaders and `trace worker`."""
-    from tracecore import embedded
+    from tracecore.infra import embedded
     from tracecore.settings import configure, get_settings
 
     settings = configure(embedded.attach(get_settings()))

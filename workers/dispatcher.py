@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 from flask import Flask
 
-from tracecore import lease as leases
 from tracecore.appctx import settings_of
 from tracecore.exceptions import PlatformError, StaleFence, TraceError, UserCodeError
-from tracecore.operators import CATALOG
+from tracecore.execution import lease as leases
+from tracecore.execution.operators import CATALOG
 
 from .operators import AttemptFailed, OperatorContext, OperatorResult
 

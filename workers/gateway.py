@@ -1,7 +1,7 @@
 """The task gateway: one tiny HTTP/1.1 server on a unix socket per UDF invocation.
 
 Docker and process sandboxes have no network at all; the only way out is this socket,
-mounted at ``/run/trace/gateway.sock``. It serves the task API (``tracecore.task_api``) and
+mounted at ``/run/trace/gateway.sock``. It serves the task API (``tracecore.taskapi.calls``) and
 nothing else: no proxying, no other paths, and only for the one task it was opened for, so a
 token that leaked from another sandbox is useless here. The worker opens it around the sandbox
 run (``with TaskGateway(...)``) and closes it, socket file included, when the run ends.
@@ -31,8 +31,8 @@ from typing import Any, BinaryIO
 
 from flask import Flask
 
-from tracecore import task_api
-from tracecore.tokens import redact_tokens
+from tracecore.execution.tokens import redact_tokens
+from tracecore.taskapi import calls as task_api
 
 log = logging.getLogger("workers.gateway")
 

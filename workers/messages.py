@@ -29,7 +29,7 @@ _DIRECT_SCHEMES = ("redis://", "rediss://", "unix://")
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _clients: dict[tuple[str, int], redis.Redis] = {}
 # Seconds a publish may wait on the broker: a manual trigger publishes inside its open
-# transaction (tracecore.runs.create_enqueued_run), which must not wait on a hung broker for long.
+# transaction (tracecore.execution.runs.create_enqueued_run), which must not wait on a hung broker for long.
 PUBLISH_TIMEOUT = 5.0
 _clients_lock = threading.Lock()
 

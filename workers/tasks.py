@@ -9,8 +9,8 @@ import uuid
 from celery import current_app, shared_task
 from flask import current_app as flask_app
 
-from tracecore import dag_runs
-from tracecore import lease as leases
+from tracecore.execution import dag_runs
+from tracecore.execution import lease as leases
 
 from . import dispatcher
 from .app import (
@@ -65,8 +65,8 @@ def _tasks_of_dag_runs(task_ids: list) -> set:
         return set()
     from sqlalchemy import select
 
-    from tracecore.db import db
-    from tracecore.runs import Run, Task
+    from tracecore.db.engine import db
+    from tracecore.execution.runs import Run, Task
 
     found = set(db.session.scalars(select(Task.id).join(Run, Run.id == Task.run_id)
                                    .where(Task.id.in_(task_ids), Run.dag_id.is_not(None))))
@@ -111,7 +111,7 @@ def buffer_publish(claims_token: str, manifest: dict) -> dict:
     """Publish a batch artifact on behalf of the task the capability token names (its fence
     checked like the gateway's): for publishers with a broker but no gateway socket. Answers the
     route's JSON with ``status`` inside; a refusal (409, 422 ...) is an answer, not a retry."""
-    from tracecore.publish import publish_with_token
+    from tracecore.data.publish import publish_with_token
 
     return publish_with_token(claims_token, manifest, flask_app.config["TRACE_SETTINGS"])
 
@@ -122,8 +122,8 @@ def dataset_updated(dataset_id: str, version: int) -> int:
     at once (each update fires once, so a duplicate delivery makes nothing; the beat's sweep
     fires whatever this misses); answers how many runs it made."""
     from scheduler import composite, reactive
-    from tracecore.datasets import Dataset
-    from tracecore.db import db
+    from tracecore.data.datasets import Dataset
+    from tracecore.db.engine import db
 
     task_ids = reactive.on_dataset_updated(dataset_id, version)
     dataset = db.session.get(Dataset, uuid.UUID(dataset_id))

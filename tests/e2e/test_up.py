@@ -14,7 +14,7 @@ import psutil
 import requests
 
 from tests.conftest import ROOT, wait_for
-from tracecore.embedded import free_port
+from tracecore.infra.embedded import free_port
 
 
 def _trace_processes(home: Path) -> list[psutil.Process]:

@@ -15,11 +15,11 @@ from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
 from tests.unit.test_bundles import PY, link, make_zip, member
-from tracecore import bundles
 from tracecore.appctx import settings_of
-from tracecore.audit import AuditLog
-from tracecore.db import db
-from tracecore.storage import LocalObjectStore, object_store
+from tracecore.db.engine import db
+from tracecore.execution import bundles
+from tracecore.infra.storage import LocalObjectStore, object_store
+from tracecore.tenancy.audit import AuditLog
 
 BUNDLE = make_zip(*PY)
 FIELDS = {"id", "sha256", "size", "runtime", "handler", "entries", "unzipped_size", "created_by", "created_at"}

@@ -15,11 +15,12 @@ from sqlalchemy import func, select
 from scheduler import composite
 from scheduler.composite import on_task_succeeded, sweep
 from tests.conftest import Processes, Tenant, wait_for
-from tracecore import datasets, runs
-from tracecore import lease as leases
-from tracecore.dags import Job
-from tracecore.db import db
-from tracecore.runs import Run, Task
+from tracecore.dags.catalog import Job
+from tracecore.data import datasets
+from tracecore.db.engine import db
+from tracecore.execution import lease as leases
+from tracecore.execution import runs
+from tracecore.execution.runs import Run, Task
 from workers.app import enqueue
 
 

@@ -1,13 +1,13 @@
 """The credential broker and the gateway's object routes, with real leases and minted capability tokens.
 
-Requests go through :func:`tracecore.task_api.dispatch`, the function both transports call, and
+Requests go through :func:`tracecore.taskapi.calls.dispatch`, the function both transports call, and
 one test goes through a real gateway socket. Local-store access is checked end to end (files on
 disk). For S3 the broker calls STS ``AssumeRole``; STS is AWS itself and cannot run here, so
 that call goes to moto's server (``ThreadedMotoServer`` on 127.0.0.1, a free port), the only
 fake in this file. What moto recorded is read from moto's own backend in this process
 (``moto.sts.models.sts_backends[<account of the role>]["aws"].assumed_roles``: the server thread
 shares moto's backends): the role, the session name, the duration, and the session policy as
-sent, which is compared with :func:`tracecore.credentials.session_policy`. moto does not enforce
+sent, which is compared with :func:`tracecore.infra.credentials.session_policy`. moto does not enforce
 session policies, so the policy's effect is asserted on its exact statements instead.
 """
 
@@ -30,9 +30,13 @@ import pytest
 from flask import Flask
 from sqlalchemy import text
 
-from tracecore import dags, lease, orgs, runs, storage, task_api, tokens
 from tracecore.appctx import settings_of
-from tracecore.credentials import (
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db
+from tracecore.exceptions import PlatformError
+from tracecore.execution import lease, runs, tokens
+from tracecore.infra import storage
+from tracecore.infra.credentials import (
     MAX_CHUNK_BYTES,
     MAX_POLICY_CHARS,
     prefixes_of,
@@ -40,9 +44,9 @@ from tracecore.credentials import (
     session_name,
     session_policy,
 )
-from tracecore.db import db
-from tracecore.exceptions import PlatformError
-from tracecore.storage import object_store
+from tracecore.infra.storage import object_store
+from tracecore.taskapi import calls as task_api
+from tracecore.tenancy import orgs
 from workers.gateway import TaskGateway
 
 JOB_YAML = "- name: {name}\n  runtime: platform\n  operator: noop\n"

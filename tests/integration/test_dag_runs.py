@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from tests.conftest import Processes, Tenant
 from tests.integration.test_execution import put_dag, wait_run, when
-from tracecore.db import db
+from tracecore.db.engine import db
 from tracecore.settings import Settings, configure
 
 

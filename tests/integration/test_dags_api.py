@@ -13,9 +13,9 @@ from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
 from tests.integration.test_bundles_api import upload
-from tracecore import dags
-from tracecore.audit import AuditLog
-from tracecore.db import db
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db
+from tracecore.tenancy.audit import AuditLog
 
 # Seed 002's "Example DAG config" (/work/shared/seeds/002_d2e4d37a39399a3b.txt), verbatim.
 SEED_YAML = """\

@@ -16,12 +16,13 @@ from sqlalchemy import func, select
 
 from scheduler import reactive
 from tests.conftest import Processes, Tenant, leased_capability, wait_for
-from tracecore import dag_runs, datasets, lease, publish
 from tracecore.appctx import settings_of
-from tracecore.dags import Job
-from tracecore.db import db
-from tracecore.runs import Run, Task
-from tracecore.storage import object_store
+from tracecore.dags.catalog import Job
+from tracecore.data import datasets, publish
+from tracecore.db.engine import db
+from tracecore.execution import dag_runs, lease
+from tracecore.execution.runs import Run, Task
+from tracecore.infra.storage import object_store
 
 
 def _job(name: str, **fields: Any) -> dict[str, Any]:

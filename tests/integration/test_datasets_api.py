@@ -15,12 +15,12 @@ from sqlalchemy import select, text
 from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
-from tracecore import datasets, lineage
-from tracecore.audit import AuditLog
-from tracecore.dags import Job
-from tracecore.db import db
+from tracecore.dags.catalog import Job
+from tracecore.data import datasets, lineage
+from tracecore.db.engine import db
 from tracecore.exceptions import NotFound
-from tracecore.tokens import Capability
+from tracecore.execution.tokens import Capability
+from tracecore.tenancy.audit import AuditLog
 
 LABELS = [{"name": "address", "type": "string", "nullable": False}, {"name": "label", "type": "string"},
           {"name": "seen_at", "type": "timestamp[us, tz=UTC]"}]

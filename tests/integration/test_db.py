@@ -1,4 +1,4 @@
-"""tracecore.db's hot-path helpers over the real PostgreSQL: Batches transactions."""
+"""tracecore.db.engine's hot-path helpers over the real PostgreSQL: Batches transactions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import text
 
-from tracecore.db import batches, execute_one
+from tracecore.db.engine import batches, execute_one
 
 _MAKE = text("CREATE TABLE IF NOT EXISTS batches_probe (id uuid PRIMARY KEY, n int)")
 _INSERT = text("INSERT INTO batches_probe (id, n) VALUES (:id, :n) RETURNING n")

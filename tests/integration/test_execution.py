@@ -23,10 +23,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from tests.conftest import Processes, Tenant, wait_for
-from tracecore import lease, runs
-from tracecore.db import db
+from tracecore.db.engine import db
 from tracecore.exceptions import StaleFence
-from tracecore.runs import Attempt, Task
+from tracecore.execution import lease, runs
+from tracecore.execution.runs import Attempt, Task
 from tracecore.settings import Settings
 
 Proc = subprocess.Popen[bytes]

@@ -22,8 +22,8 @@ from sqlalchemy import create_engine, text
 import tests.conftest as conftest
 from tests.conftest import Processes, Tenant, wait_for
 from tests.integration.test_execution import NOOP, ping_workers, put_dag, read_run, trigger
-from tracecore.dag_spec import JobSpec
-from tracecore.db import db, sqlalchemy_url
+from tracecore.dags.spec import JobSpec
+from tracecore.db.engine import db, sqlalchemy_url
 from tracecore.settings import Settings, configure
 
 ORG_CAP = 3

@@ -25,9 +25,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from tests.conftest import Tenant, wait_for
-from tracecore import dags, lease, orgs, runs, tokens
 from tracecore.appctx import settings_of
-from tracecore.db import db
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db
+from tracecore.execution import lease, runs, tokens
+from tracecore.tenancy import orgs
 from workers.gateway import TaskGateway
 
 JOB_YAML = "- name: {name}\n  runtime: platform\n  operator: noop\n"

@@ -1,4 +1,4 @@
-"""Leases and fences in-process, over the real PostgreSQL: tracecore.lease without workers.
+"""Leases and fences in-process, over the real PostgreSQL: tracecore.execution.lease without workers.
 
 Every expiry is observed through the database's own clock (``wait_for`` on a query),
 never decided by a sleep in the test.
@@ -17,10 +17,12 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from tests.conftest import wait_for
-from tracecore import dags, lease, orgs, runs
-from tracecore.db import db
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db
 from tracecore.exceptions import StaleFence
-from tracecore.runs import Attempt, Run, Task
+from tracecore.execution import lease, runs
+from tracecore.execution.runs import Attempt, Run, Task
+from tracecore.tenancy import orgs
 
 JOB_YAML = "- name: {name}\n  runtime: platform\n  operator: noop\n  max_retries: {max_retries}\n"
 

@@ -25,13 +25,15 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
 from tests.conftest import Tenant, wait_for
-from tracecore import datasets, lease, lineage, publish, runs, task_api, tokens
 from tracecore.appctx import settings_of
-from tracecore.batches import encode
-from tracecore.dataset_schema import arrow_schema, normalize_schema, schema_fingerprint
-from tracecore.db import db
+from tracecore.data import datasets, lineage, publish
+from tracecore.data.batches import encode
+from tracecore.data.schema import arrow_schema, normalize_schema, schema_fingerprint
+from tracecore.db.engine import db
 from tracecore.exceptions import PermissionDenied, StaleFence
-from tracecore.storage import ObjectStore, object_store
+from tracecore.execution import lease, runs, tokens
+from tracecore.infra.storage import ObjectStore, object_store
+from tracecore.taskapi import calls as task_api
 from workers.gateway import TaskGateway
 
 EVENTS = normalize_schema([{"name": "dedupe_key", "type": "string", "nullable": False},

@@ -1,6 +1,6 @@
 """The Query Service through the API: POST /v1/query, POST /v1/task/query, saved queries, downloads.
 
-Datasets are real (``tracecore.datasets``: declared, versioned, granted); their Parquet files are
+Datasets are real (``tracecore.data.datasets``: declared, versioned, granted); their Parquet files are
 written into the test's object store and buffered datasets' rows into their hot tables.
 """
 
@@ -23,14 +23,17 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
 from tests.conftest import Tenant
-from tracecore import dags, dataset_admin, datasets, lease, runs, tokens
 from tracecore.appctx import settings_of
-from tracecore.audit import AuditLog
-from tracecore.db import db
-from tracecore.orgs import User
-from tracecore.saved_queries import Download
+from tracecore.dags import catalog as dags
+from tracecore.data import admin as dataset_admin
+from tracecore.data import datasets
+from tracecore.db.engine import db
+from tracecore.execution import lease, runs, tokens
+from tracecore.infra.storage import object_store
+from tracecore.query.saved import Download
 from tracecore.settings import Settings, configure
-from tracecore.storage import object_store
+from tracecore.tenancy.audit import AuditLog
+from tracecore.tenancy.orgs import User
 
 SCHEMA = [{"name": "block_number", "type": "int64", "nullable": False},
           {"name": "address", "type": "string", "nullable": True}]

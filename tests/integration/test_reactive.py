@@ -14,9 +14,9 @@ from sqlalchemy import select
 
 from scheduler.reactive import on_dataset_updated
 from tests.conftest import Processes, Tenant, leased_capability, wait_for
-from tracecore import datasets
-from tracecore.db import db
-from tracecore.runs import Run, Task
+from tracecore.data import datasets
+from tracecore.db.engine import db
+from tracecore.execution.runs import Run, Task
 from workers.app import dataset_updated
 
 DAG = [
@@ -84,9 +84,9 @@ def test_the_celery_hook_runs_the_reactive_job_with_a_real_worker(app: Flask, cl
 def test_a_publish_that_makes_a_version_sends_the_hook_and_one_that_changes_nothing_does_not(
         app: Flask, client: FlaskClient, tenant: Tenant, monkeypatch: Any) -> None:
     import workers.app
-    from tracecore import publish
     from tracecore.appctx import settings_of
-    from tracecore.storage import object_store
+    from tracecore.data import publish
+    from tracecore.infra.storage import object_store
 
     dag = [{"name": "emit", "runtime": "platform", "operator": "noop", "unique_key": ["k"],
             "update_strategy": "append", "outputs": [{"dataset": "emitted", "kind": "buffered",

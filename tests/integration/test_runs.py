@@ -1,5 +1,5 @@
-"""tracecore.runs.create_enqueued_run over the real PostgreSQL: the task is enqueued before its
-insert commits, and a worker that gets there first waits for the commit (tracecore.lease.take).
+"""tracecore.execution.runs.create_enqueued_run over the real PostgreSQL: the task is enqueued before its
+insert commits, and a worker that gets there first waits for the commit (tracecore.execution.lease.take).
 
 The "enqueue" of these tests is a function that starts a real lease take in another thread, as a
 worker receiving the message would, and returns only once that take is seen waiting on the
@@ -18,9 +18,11 @@ from flask import Flask
 from sqlalchemy import text
 
 from tests.conftest import wait_for
-from tracecore import dags, lease, orgs, runs
-from tracecore.db import db
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db
 from tracecore.exceptions import NotFound
+from tracecore.execution import lease, runs
+from tracecore.tenancy import orgs
 
 JOB_YAML = "- name: hello\n  runtime: platform\n  operator: noop\n"
 UNLIMITED = runs.RateLimit(limit=1_000_000, window=60)

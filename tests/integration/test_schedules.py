@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from tests.conftest import Processes, Tenant, wait_for
-from tracecore.db import db
+from tracecore.db.engine import db
 
 TICKING = "- name: ticker\n  runtime: platform\n  operator: noop\n  activation: scheduled\n  schedule: {schedule}\n"
 
@@ -55,7 +55,7 @@ def test_the_schedule_row_follows_the_dag(client: FlaskClient, tenant: Tenant) -
 
 
 def test_cron_ticks_are_computed_in_the_time_zone(client: FlaskClient, tenant: Tenant) -> None:
-    from tracecore.triggers import Schedule, due_ticks
+    from tracecore.dags.triggers import Schedule, due_ticks
 
     schedule = Schedule(cron="0 9 * * *", timezone="America/New_York", catch_up=2)
     now = datetime(2026, 7, 3, 12, 0, tzinfo=UTC)

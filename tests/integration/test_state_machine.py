@@ -2,7 +2,7 @@
 
 Every statement here is raw SQL, as a buggy or stale writer would send it: the
 triggers, CHECK constraints and partial unique indexes must refuse what
-``tracecore.runs`` does not allow, and accept exactly what it does.
+``tracecore.execution.runs`` does not allow, and accept exactly what it does.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from flask import Flask
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from tracecore import dags, orgs
-from tracecore.db import db
-from tracecore.runs import ATTEMPT_TRANSITIONS, RUN_TRANSITIONS, TASK_TRANSITIONS
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db
+from tracecore.execution.runs import ATTEMPT_TRANSITIONS, RUN_TRANSITIONS, TASK_TRANSITIONS
+from tracecore.tenancy import orgs
 
 CHECK_VIOLATION = "23514"
 UNIQUE_VIOLATION = "23505"

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.s3 import S3Server
-from tracecore import storage
 from tracecore.exceptions import NotFound
+from tracecore.infra import storage
+from tracecore.infra.storage import LocalObjectStore, ObjectStore, S3ObjectStore, object_store
 from tracecore.settings import Settings
-from tracecore.storage import LocalObjectStore, ObjectStore, S3ObjectStore, object_store
 
 StoreFactory = Callable[[str], ObjectStore]
 

@@ -12,11 +12,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import create_engine, func, select, update
 
 from tests.conftest import Tenant, wait_for
-from tracecore import orgs
-from tracecore.db import db, sqlalchemy_url
+from tracecore.db.engine import db, sqlalchemy_url
 from tracecore.exceptions import NotFound
-from tracecore.orgs import ApiToken, Role
 from tracecore.settings import Settings, configure
+from tracecore.tenancy import orgs
+from tracecore.tenancy.orgs import ApiToken, Role
 
 HELLO = "- name: hello\n  runtime: platform\n  operator: noop\n  outputs: 1\n"
 YAML = {"Content-Type": "application/yaml"}

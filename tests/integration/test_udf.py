@@ -13,8 +13,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.conftest import Processes, Tenant, wait_for
+from tracecore.infra.storage import object_store
 from tracecore.settings import Settings
-from tracecore.storage import object_store
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from tests.conftest import Processes, Tenant, wait_for
-from tracecore.db import db
+from tracecore.dags.triggers import sign
+from tracecore.db.engine import db
 from tracecore.settings import Settings, configure
-from tracecore.triggers import sign
 
 NOOP = "- name: hello\n  runtime: platform\n  operator: noop\n"
 

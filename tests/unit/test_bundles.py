@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tracecore import bundles
-from tracecore.bundles import Bundle, BundleIntegrityError, fetch_verified, unpack, validate_archive
 from tracecore.exceptions import NotFound, ValidationError
+from tracecore.execution import bundles
+from tracecore.execution.bundles import Bundle, BundleIntegrityError, fetch_verified, unpack, validate_archive
+from tracecore.infra.storage import LocalObjectStore, ObjectStore, object_store
 from tracecore.settings import Settings
-from tracecore.storage import LocalObjectStore, ObjectStore, object_store
 
 Member = tuple[str, bytes] | tuple[str, bytes, int]
 

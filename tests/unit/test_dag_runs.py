@@ -1,4 +1,4 @@
-"""Unit tests of tracecore.dag_runs.shape: how a DAG run is laid out as a canvas."""
+"""Unit tests of tracecore.execution.dag_runs.shape: how a DAG run is laid out as a canvas."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 import pytest
 
 from tests.unit.test_dag_spec import parse
-from tracecore.dag_runs import MAX_NESTING, Parallel, Series, Shape, shape
-from tracecore.dag_spec import DagSpec
+from tracecore.dags.spec import DagSpec
+from tracecore.execution.dag_runs import MAX_NESTING, Parallel, Series, Shape, shape
 
 
 def dag(edges: str, *lonely: str) -> DagSpec:

@@ -1,4 +1,4 @@
-"""Unit tests of tracecore.dag_spec: parsing, normalization and every class of error."""
+"""Unit tests of tracecore.dags.spec: parsing, normalization and every class of error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tracecore.dag_spec import (
+from tracecore.dags.spec import (
     DagSpec,
     InputRef,
     JobSpec,
@@ -20,7 +20,7 @@ from tracecore.dag_spec import (
     parse_duration,
     parse_memory_mb,
 )
-from tracecore.dag_triggers import Batch
+from tracecore.dags.trigger_spec import Batch
 from tracecore.exceptions import ValidationError
 
 # Seed 002's "Example DAG config", verbatim.

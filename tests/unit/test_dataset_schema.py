@@ -11,8 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from tracecore import dataset_schema as ds
-from tracecore.dag_spec import DagSpec, JobSpec, parse_dag
+from tracecore.dags.spec import DagSpec, JobSpec, parse_dag
+from tracecore.data import schema as ds
 from tracecore.exceptions import ValidationError
 
 

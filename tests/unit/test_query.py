@@ -1,4 +1,4 @@
-"""The Query Service engine (``tracecore.query``) over hand-built dataset views.
+"""The Query Service engine (``tracecore.query.engine``) over hand-built dataset views.
 
 Cold data is Parquet written with pyarrow into a local object store under ``tmp_path``; hot
 rows live in a real PostgreSQL table (the session's database). Hostile SQL must end in a clear
@@ -23,12 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tracecore import query, storage
-from tracecore.datasets import DatasetView
-from tracecore.db import libpq_url
+from tracecore.data.datasets import DatasetView
+from tracecore.db.engine import libpq_url
 from tracecore.exceptions import PlatformError, UserError
+from tracecore.infra import storage
+from tracecore.infra.storage import LocalObjectStore, S3ObjectStore
+from tracecore.query import engine as query
 from tracecore.settings import Settings
-from tracecore.storage import LocalObjectStore, S3ObjectStore
 
 ORG = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 OTHER_ORG = uuid.UUID("00000000-0000-0000-0000-00000000000b")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tracecore import tokens
 from tracecore.exceptions import Unauthenticated
-from tracecore.lease import Lease
+from tracecore.execution import tokens
+from tracecore.execution.lease import Lease
+from tracecore.execution.tokens import Capability
 from tracecore.settings import Settings
-from tracecore.tokens import Capability
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"k" * 32
@@ -171,7 +171,7 @@ def test_the_key_file_is_created_once_with_mode_600_and_reused(tmp_path: Path) -
 
     # Another process on the same home verifies what this one minted.
     token = tokens.mint(capability(), key)
-    code = ("import sys; from tracecore import tokens; from tracecore.settings import Settings; "
+    code = ("import sys; from tracecore.execution import tokens; from tracecore.settings import Settings; "
             "k = tokens.secret_key(Settings(home=sys.argv[1])); "
             f"print(tokens.verify(sys.argv[2], k, now={NOW + 1}).job)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

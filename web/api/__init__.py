@@ -11,8 +11,8 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import UnsupportedMediaType
 
-from tracecore import strict_json
-from tracecore.task_api import PayloadTooLarge
+from tracecore.infra import strict_json
+from tracecore.taskapi.calls import PayloadTooLarge
 
 # Bounds of request fields, matching the columns they are compared with or stored in.
 INT32_MAX = 2**31 - 1  # PostgreSQL integer: versions, counts
@@ -36,7 +36,7 @@ class JsonBodyParser(FlaskParser):
         return super().load_json(req, schema)
 
     def _raw_load_json(self, req: flask.Request) -> Any:
-        """The body through ``tracecore.strict_json``: depth, NaN, huge integers, NUL and lone
+        """The body through ``tracecore.infra.strict_json``: depth, NaN, huge integers, NUL and lone
         surrogates answer 400 with their own code instead of reaching a handler (or a 500)."""
         if not is_json_request(req):
             return core.missing

@@ -7,12 +7,13 @@ from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from tracecore import audit, bundles
 from tracecore.appctx import settings_of
-from tracecore.db import db
+from tracecore.db.engine import db
 from tracecore.exceptions import UserError, ValidationError
-from tracecore.orgs import Role
-from tracecore.storage import object_store
+from tracecore.execution import bundles
+from tracecore.infra.storage import object_store
+from tracecore.tenancy import audit
+from tracecore.tenancy.orgs import Role
 
 from ..auth import current
 from . import Blueprint

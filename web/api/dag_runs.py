@@ -7,9 +7,9 @@ from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 
 from scheduler import canvas
-from tracecore import dag_runs, runs
-from tracecore.db import db
-from tracecore.orgs import Role
+from tracecore.db.engine import db
+from tracecore.execution import dag_runs, runs
+from tracecore.tenancy.orgs import Role
 
 from ..auth import current
 from . import NAME_MAX, Blueprint

@@ -6,9 +6,10 @@ from flask import request
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields
 
-from tracecore import audit, dags
-from tracecore.db import db
-from tracecore.orgs import Role
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db
+from tracecore.tenancy import audit
+from tracecore.tenancy.orgs import Role
 
 from ..auth import current
 from . import Blueprint

@@ -14,10 +14,12 @@ from typing import Any
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 
-from tracecore import audit, dataset_admin, datasets, lineage
-from tracecore.dags import Job
-from tracecore.db import db
-from tracecore.orgs import Org, Role
+from tracecore.dags.catalog import Job
+from tracecore.data import admin as dataset_admin
+from tracecore.data import datasets, lineage
+from tracecore.db.engine import db
+from tracecore.tenancy import audit
+from tracecore.tenancy.orgs import Org, Role
 
 from ..auth import current
 from . import EMAIL_MAX, INT32_MAX, NAME_MAX, ORG_NAME_MAX, SEARCH_MAX, Blueprint

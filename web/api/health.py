@@ -7,7 +7,7 @@ from flask import current_app
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
-from tracecore.db import db
+from tracecore.db.engine import db
 
 from . import Blueprint
 

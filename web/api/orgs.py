@@ -1,7 +1,7 @@
 """Orgs, members, tokens and the caller: /v1/orgs, /v1/members, /v1/tokens, /v1/me.
 
 An org admin acts inside its own org only: it changes memberships of that org and mints
-tokens for the users the org manages (``tracecore.orgs.is_managed_by``). Installation power
+tokens for the users the org manages (``tracecore.tenancy.orgs.is_managed_by``). Installation power
 is never granted here: ``POST /v1/orgs`` needs a token that already holds it.
 """
 
@@ -12,10 +12,10 @@ import uuid
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 
-from tracecore import audit, orgs
-from tracecore.db import db
+from tracecore.db.engine import db
 from tracecore.exceptions import NotFound, PermissionDenied, ValidationError
-from tracecore.orgs import Principal, Role
+from tracecore.tenancy import audit, orgs
+from tracecore.tenancy.orgs import Principal, Role
 
 from ..auth import current, installation_admin
 from . import Blueprint

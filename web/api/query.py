@@ -2,7 +2,7 @@
 
 ``POST /v1/query`` runs one SELECT over the datasets the caller may read (own, granted, PII
 only with a grant) at their current versions; the engine and its refusals are
-``tracecore.query``. ``format`` json answers the rows inline, up to the export threshold; a
+``tracecore.query.engine``. ``format`` json answers the rows inline, up to the export threshold; a
 larger result, or ``format`` csv / parquet, is written to the object store and answered with
 ``{"download": "/v1/downloads/<id>"}``, which streams the file to a member of the same org
 (another org's download is 404). Sandboxes use ``POST /v1/task/query`` instead (the task API).
@@ -16,11 +16,11 @@ from flask import Response, current_app, stream_with_context
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 
-from tracecore import saved_queries
 from tracecore.appctx import settings_of
-from tracecore.db import db
-from tracecore.query_policy import MAX_SQL_CHARS
-from tracecore.storage import object_store
+from tracecore.db.engine import db
+from tracecore.infra.storage import object_store
+from tracecore.query import saved as saved_queries
+from tracecore.query.policy import MAX_SQL_CHARS
 
 from ..auth import current
 from . import INT32_MAX, Blueprint

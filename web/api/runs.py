@@ -7,11 +7,12 @@ from flask import current_app
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 
-from tracecore import dags, runs
-from tracecore.db import db, libpq_url
-from tracecore.lease import RUN_FINISHED_CHANNEL
-from tracecore.orgs import Role
-from tracecore.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
+from tracecore.dags import catalog as dags
+from tracecore.db.engine import db, libpq_url
+from tracecore.execution import runs
+from tracecore.execution.lease import RUN_FINISHED_CHANNEL
+from tracecore.execution.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
+from tracecore.tenancy.orgs import Role
 from workers.app import enqueue
 
 from ..auth import current

@@ -2,7 +2,7 @@
 
 A Fargate sandbox runs on another machine than its worker, so it cannot reach the worker's
 unix socket; it reaches this API over a VPC endpoint instead. The routes, checks and answers
-are the gateway's own (``tracecore.task_api.dispatch``), authenticated by the capability
+are the gateway's own (``tracecore.taskapi.calls.dispatch``), authenticated by the capability
 token only: ``web.auth`` lets ``/v1/task/`` through without an API token, and an API token
 sent here is refused (it is not a capability).
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 from flask import current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from tracecore import task_api, tokens
 from tracecore.appctx import settings_of
+from tracecore.execution import tokens
+from tracecore.taskapi import calls as task_api
 
 from . import Blueprint
 

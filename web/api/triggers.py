@@ -16,11 +16,12 @@ from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
-from tracecore import runs, triggers
-from tracecore.dags import Job, get_job
-from tracecore.db import db
+from tracecore.dags import triggers
+from tracecore.dags.catalog import Job, get_job
+from tracecore.db.engine import db
 from tracecore.exceptions import NotFound
-from tracecore.orgs import Role
+from tracecore.execution import runs
+from tracecore.tenancy.orgs import Role
 from workers.app import enqueue
 
 from ..auth import current

@@ -1,4 +1,4 @@
-"""Operator implementations. The catalog (names, what each needs) is tracecore.operators."""
+"""Operator implementations. The catalog (names, what each needs) is tracecore.execution.operators."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from tracecore.lease import Failure, Lease
+from tracecore.execution.lease import Failure, Lease
 from tracecore.settings import Settings
 
 

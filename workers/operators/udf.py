@@ -23,11 +23,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tracecore import bundles, publish, redaction, tokens
+from tracecore.data import publish
 from tracecore.exceptions import StaleFence, TraceError
-from tracecore.lease import Failure
+from tracecore.execution import bundles, redaction, tokens
+from tracecore.execution.lease import Failure
+from tracecore.infra.storage import object_store
 from tracecore.settings import Settings
-from tracecore.storage import object_store
 
 from ..gateway import TaskGateway
 from ..sandbox import RESULT_CAP_BYTES, Invocation, Outcome, SandboxLimits

@@ -39,8 +39,10 @@ from werkzeug.test import TestResponse
 from tests.conftest import Tenant, leased_capability
 from tests.integration.test_gateway import call as gateway_call
 from tests.unit.test_bundles import PY, make_zip, member
-from tracecore import task_api, tokens, triggers
 from tracecore.appctx import settings_of
+from tracecore.dags import triggers
+from tracecore.execution import tokens
+from tracecore.taskapi import calls as task_api
 from workers.gateway import TaskGateway
 
 JSON = "application/json"
@@ -519,7 +521,7 @@ GATEWAY_BODIES.update({f"field-{kind}": json.dumps({"sql": "__HOSTILE__"}).repla
 
 @pytest.fixture
 def gateway(app: Flask, world: World, tmp_path: Path) -> Iterator[Path]:
-    from tracecore import tokens as token_module
+    from tracecore.execution import tokens as token_module
 
     claims = token_module.verify(world.capability, token_module.secret_key(settings_of(app)))
     folder = tmp_path / "gw"

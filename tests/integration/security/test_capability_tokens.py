@@ -36,12 +36,13 @@ from sqlalchemy import select, text
 
 from tests.conftest import Processes, Tenant, wait_for
 from tests.integration.test_gateway import call
-from tracecore import lease, publish, redaction, runs, tokens
 from tracecore.appctx import settings_of
-from tracecore.db import db
+from tracecore.data import publish
+from tracecore.db.engine import db
 from tracecore.exceptions import StaleFence
+from tracecore.execution import lease, redaction, runs, tokens
+from tracecore.infra.storage import object_store
 from tracecore.settings import Settings
-from tracecore.storage import object_store
 from workers.gateway import TaskGateway
 from workers.operators import udf
 from workers.sandbox import Outcome
@@ -238,8 +239,8 @@ def test_the_celery_publish_refuses_an_ended_token(app: Flask, lease_emit: Calla
 
 
 def _manifest(store: Any, capability: tokens.Capability) -> dict[str, Any]:
-    from tracecore.batches import encode, rows_table
-    from tracecore.dataset_schema import normalize_schema, schema_fingerprint
+    from tracecore.data.batches import encode, rows_table
+    from tracecore.data.schema import normalize_schema, schema_fingerprint
 
     columns = normalize_schema(SCHEMA)
     data, digest = encode(rows_table([{"k": "late", "v": "zombie"}], columns, ["k"]))
@@ -250,7 +251,7 @@ def _manifest(store: Any, capability: tokens.Capability) -> dict[str, Any]:
 
 
 def _rows(dataset: str, org_id: uuid.UUID) -> list[tuple[Any, ...]]:
-    from tracecore import datasets
+    from tracecore.data import datasets
 
     db.session.rollback()
     table = datasets.hot_table_name(datasets.get_dataset(org_id, dataset))
@@ -382,7 +383,7 @@ def test_a_live_token_of_org_a_touches_nothing_of_org_b(lease_emit: Callable[...
         assert _rows("leaks", foreign.org_id) == [("b-secret", "only org B may read this")]
         assert _rows("leaks", held.org_id) == [("from-a", "x")]
         return
-    from tracecore import datasets
+    from tracecore.data import datasets
 
     db.session.rollback()
     hot = datasets.hot_table_name(datasets.get_dataset(foreign.org_id, "leaks"))
@@ -597,7 +598,7 @@ def test_a_hostile_handler_cannot_leak_its_token(client: FlaskClient, tenant: Te
 
 def test_the_redaction_shapes_follow_the_token_formats() -> None:
     """redaction.py imports nothing of the platform: its prefixes must still be the minters' own."""
-    from tracecore import orgs
+    from tracecore.tenancy import orgs
 
     assert redaction.CAPABILITY_PREFIX == tokens.PREFIX and redaction.API_TOKEN_PREFIX == orgs.TOKEN_PREFIX
     api_token = orgs.TOKEN_PREFIX + "x" * 43

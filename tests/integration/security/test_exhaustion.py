@@ -6,7 +6,7 @@
 - Long polls (``GET /v1/runs/{id}?wait=``) are capped per user, per org and per process: a
   flood from one org gets its extra waits answered at once (``Trace-Wait: refused``) while
   another org's waits are still held and its requests answered.
-- Every numeric field of a DAG has a documented minimum and maximum (``tracecore.dag_bounds``):
+- Every numeric field of a DAG has a documented minimum and maximum (``tracecore.dags.bounds``):
   outside them 400 ``out_of_range`` with the field's path; NaN, infinity, huge ints and wrong
   units are refused too.
 
@@ -31,13 +31,15 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 
 from tests.conftest import Tenant, leased_capability, wait_for
-from tracecore import query, storage, tokens
 from tracecore.appctx import settings_of
-from tracecore.db import db
-from tracecore.lease import RUN_FINISHED_CHANNEL
-from tracecore.saved_queries import Download
+from tracecore.db.engine import db
+from tracecore.execution import tokens
+from tracecore.execution.lease import RUN_FINISHED_CHANNEL
+from tracecore.infra import storage
+from tracecore.infra.storage import LocalObjectStore, ObjectStore, S3ObjectStore, object_store
+from tracecore.query import engine as query
+from tracecore.query.saved import Download
 from tracecore.settings import Settings, configure
-from tracecore.storage import LocalObjectStore, ObjectStore, S3ObjectStore, object_store
 from web.long_polls import SLOTS
 
 INLINE_CAP = 256 * 1024

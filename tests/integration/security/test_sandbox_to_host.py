@@ -36,8 +36,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.conftest import Processes, Tenant, wait_for
+from tracecore.infra.storage import object_store
 from tracecore.settings import Settings
-from tracecore.storage import object_store
 from workers.sandbox import RESULT_CAP_BYTES, Invocation, Outcome, SandboxLimits
 from workers.sandbox.fargate import split_result
 from workers.sandbox.hostile_files import WORK_DIR_INODES, capped_work_dir

@@ -26,10 +26,10 @@ from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
 from tests.unit.test_bundles import PY, make_zip
-from tracecore import orgs
-from tracecore.db import db
+from tracecore.db.engine import db
 from tracecore.exceptions import Conflict
-from tracecore.orgs import ApiToken, Role
+from tracecore.tenancy import orgs
+from tracecore.tenancy.orgs import ApiToken, Role
 
 # Routes authenticated by their own schemes or by none.
 NOT_BEARER = {"/healthz", "/v1/openapi.json", "/v1/task/<path:rest>", "/v1/hooks/<trigger_id>",

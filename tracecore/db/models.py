@@ -1,0 +1,19 @@
+"""Imports every model so that ``Base.metadata`` is complete (Alembic, tests)."""
+
+
+from tracecore.dags.catalog import Dag, DagVersion, Job
+from tracecore.dags.triggers import Schedule, ScheduledTick, TriggerFiring, WebhookTrigger
+from tracecore.data.datasets import Dataset, DatasetGrant, DatasetVersion, Partition, PiiGrant
+from tracecore.data.lineage import LineageEdge
+from tracecore.data.publish import DeadLetter
+from tracecore.db.engine import Base
+from tracecore.execution.bundles import Bundle
+from tracecore.execution.runs import Attempt, Run, Task
+from tracecore.query.saved import Download, SavedQuery
+from tracecore.tenancy.audit import AuditLog
+from tracecore.tenancy.orgs import ApiToken, Membership, Org, User
+
+__all__ = ["ApiToken", "Attempt", "AuditLog", "Base", "Bundle", "Dag", "DagVersion", "Dataset", "DatasetGrant",
+           "DatasetVersion", "DeadLetter", "Download", "Job", "LineageEdge", "Membership", "Org", "Partition",
+           "PiiGrant", "Run", "SavedQuery", "Schedule", "ScheduledTick", "Task", "TriggerFiring", "User",
+           "WebhookTrigger"]
