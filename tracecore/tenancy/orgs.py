@@ -141,6 +141,20 @@ def get_or_create_user(email: str, *, installation_admin: bool = False) -> User:
     return user
 
 
+def get_org(org_id: uuid.UUID) -> Org:
+    org = db.session.get(Org, org_id)
+    if org is None:
+        raise NotFound("no such org")
+    return org
+
+
+def get_user(user_id: uuid.UUID) -> User:
+    user = db.session.get(User, user_id)
+    if user is None:
+        raise NotFound("no such user")
+    return user
+
+
 def find_user(email: str) -> User | None:
     return db.session.scalar(select(User).where(User.email == email))
 

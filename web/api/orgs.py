@@ -116,14 +116,13 @@ def create_token(body: dict) -> ResponseReturnValue:
         if body["email"] is not None or body["role"] is not None:
             raise ValidationError("'org' mints your own token; it does not go with 'email' or 'role'", path="org")
         return _own_token_elsewhere(principal, body["org"], body["name"])
-    org = db.session.get(orgs.Org, principal.org_id)
+    org = orgs.get_org(principal.org_id)
     if body["email"] is None and body["role"] is None:
-        user = db.session.get(orgs.User, principal.user_id)
+        user = orgs.get_user(principal.user_id)
         role = principal.role
     else:
         current(Role.admin)
-        user = _managed_user(principal, body["email"]) if body["email"] else db.session.get(orgs.User,
-                                                                                          principal.user_id)
+        user = _managed_user(principal, body["email"]) if body["email"] else orgs.get_user(principal.user_id)
         membership = db.session.get(orgs.Membership, (org.id, user.id))
         role = Role.parse(body["role"]) if body["role"] else (Role[membership.role] if membership else Role.reader)
         orgs.add_member(org, user, role)
@@ -150,7 +149,7 @@ def _own_token_elsewhere(principal: Principal, org_name: str, name: str) -> Resp
     if org is None or membership is None:
         raise NotFound("you are not a member of an org of that name")
     token, clear = orgs.issue_token(org.id, principal.user_id, name=name)
-    user = db.session.get(orgs.User, principal.user_id)
+    user = orgs.get_user(principal.user_id)
     audit.record(org_id=org.id, actor_id=principal.user_id, action="token.create", object_type="api_token",
                  object_id=token.id, for_user=user.email, role=membership.role)
     db.session.commit()
@@ -197,7 +196,7 @@ def add_member(body: dict) -> ResponseReturnValue:
     """Add a user to this org (any user: a membership gives them standing here only; they mint
     their own token for it). An existing member's role is changed with PATCH."""
     principal = current(Role.admin)
-    org = db.session.get(orgs.Org, principal.org_id)
+    org = orgs.get_org(principal.org_id)
     user = orgs.get_or_create_user(body["email"])
     if db.session.get(orgs.Membership, (org.id, user.id)) is not None:
         raise ValidationError("already a member: change the role with PATCH /v1/members/{email}", path="email",
@@ -252,8 +251,8 @@ def _uuid(text: str, message: str) -> uuid.UUID:
 @blp.response(200, MeOut)
 def me() -> ResponseReturnValue:
     principal = current()
-    user = db.session.get(orgs.User, principal.user_id)
-    org = db.session.get(orgs.Org, principal.org_id)
+    user = orgs.get_user(principal.user_id)
+    org = orgs.get_org(principal.org_id)
     return {"user": {"id": str(user.id), "email": user.email,
                      "installation_admin": principal.is_installation_admin},
             "org": {"id": str(org.id), "name": org.name}, "role": principal.role.name}
