@@ -1,8 +1,8 @@
 """Every Trace setting, declared once: name, type, default and a one-line doc.
 
-Each setting is read from the environment variable ``TRACE_<NAME>``. The table in
-the README is generated from this module (``trace settings``), so this is the only
-place a setting is documented.
+Each setting is read from the environment variable ``TRACE_<NAME>``. docs/settings.md is
+generated from this module (``trace settings --markdown``; a unit test checks it is current),
+so this is the only place a setting is documented.
 """
 
 from __future__ import annotations
