@@ -8,12 +8,13 @@ from tracecore.data.lineage import LineageEdge
 from tracecore.data.publish import DeadLetter
 from tracecore.db.engine import Base
 from tracecore.execution.bundles import Bundle
+from tracecore.execution.counters import JobRunning, OrgRunning, OrgRunRate
 from tracecore.execution.runs import Attempt, Run, Task
 from tracecore.query.saved import Download, SavedQuery
 from tracecore.tenancy.audit import AuditLog
 from tracecore.tenancy.orgs import ApiToken, Membership, Org, User
 
 __all__ = ["ApiToken", "Attempt", "AuditLog", "Base", "Bundle", "Dag", "DagVersion", "Dataset", "DatasetGrant",
-           "DatasetVersion", "DeadLetter", "Download", "Job", "LineageEdge", "Membership", "Org", "Partition",
-           "PiiGrant", "Run", "SavedQuery", "Schedule", "ScheduledTick", "Task", "TriggerFiring", "User",
-           "WebhookTrigger"]
+           "DatasetVersion", "DeadLetter", "Download", "Job", "JobRunning", "LineageEdge", "Membership", "Org",
+           "OrgRunRate", "OrgRunning", "Partition", "PiiGrant", "Run", "SavedQuery", "Schedule", "ScheduledTick",
+           "Task", "TriggerFiring", "User", "WebhookTrigger"]

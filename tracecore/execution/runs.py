@@ -2,8 +2,10 @@
 
 A Run is one triggering of a job (or a DAG); its Tasks are the units that get leased;
 each lease of a task is an Attempt. The transitions below are the only ones allowed:
-the first migration compiles them into PostgreSQL triggers, so a buggy or stale
-writer is stopped by the database, not only by this module.
+PostgreSQL triggers compiled from them (``all_transition_triggers_sql``) stop a buggy or
+stale writer in the database, not only in this module. The first migration holds that SQL
+frozen as it was then; a change to the transitions needs a new migration that replaces the
+triggers (tests/integration/db/test_schema.py fails until the migrated triggers match).
 """
 
 from __future__ import annotations

@@ -10,12 +10,92 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from tracecore.execution.runs import all_transition_triggers_sql
-
 revision = '0001'
 down_revision = None
 branch_labels = None
 depends_on = None
+
+# The run/task/attempt state machine as tracecore/execution/runs.py compiled it at this revision
+# (all_transition_triggers_sql()), frozen here: a migration never imports live code, so a later
+# change to the transitions needs a new migration, and fresh and upgraded databases stay equal.
+_STATE_MACHINE_SQL = """
+CREATE OR REPLACE FUNCTION trace_runs_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE allowed boolean;
+BEGIN
+  IF NEW.state IS DISTINCT FROM OLD.state THEN
+    CASE OLD.state
+    WHEN 'queued' THEN allowed := NEW.state IN ('running', 'succeeded', 'failed', 'canceled');
+    WHEN 'running' THEN allowed := NEW.state IN ('succeeded', 'failed', 'canceled');
+    WHEN 'succeeded' THEN allowed := NEW.state IN (NULL);
+    WHEN 'failed' THEN allowed := NEW.state IN (NULL);
+    WHEN 'canceled' THEN allowed := NEW.state IN (NULL);
+    ELSE allowed := false;
+    END CASE;
+    IF NOT coalesce(allowed, false) THEN
+      RAISE EXCEPTION 'runs: illegal state transition % -> %', OLD.state, NEW.state
+        USING ERRCODE = 'check_violation';
+    END IF;
+  END IF;
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS trace_runs_transition ON runs;
+CREATE TRIGGER trace_runs_transition BEFORE UPDATE ON runs
+  FOR EACH ROW EXECUTE FUNCTION trace_runs_transition();
+
+CREATE OR REPLACE FUNCTION trace_tasks_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE allowed boolean;
+BEGIN
+  IF NEW.state IS DISTINCT FROM OLD.state OR (OLD.state = 'running' AND NEW.fence IS DISTINCT FROM OLD.fence) THEN
+    CASE OLD.state
+    WHEN 'queued' THEN allowed := NEW.state IN ('running', 'canceled');
+    WHEN 'running' THEN allowed := NEW.state IN ('running', 'queued', 'retrying', 'succeeded', 'dead_letter', 'canceled');
+    WHEN 'retrying' THEN allowed := NEW.state IN ('running', 'canceled');
+    WHEN 'succeeded' THEN allowed := NEW.state IN (NULL);
+    WHEN 'dead_letter' THEN allowed := NEW.state IN (NULL);
+    WHEN 'canceled' THEN allowed := NEW.state IN (NULL);
+    ELSE allowed := false;
+    END CASE;
+    IF NOT coalesce(allowed, false) THEN
+      RAISE EXCEPTION 'tasks: illegal state transition % -> %', OLD.state, NEW.state
+        USING ERRCODE = 'check_violation';
+    END IF;
+  END IF;
+  IF NEW.fence < OLD.fence THEN
+    RAISE EXCEPTION 'tasks.fence may only grow (% -> %)', OLD.fence, NEW.fence USING ERRCODE = 'check_violation';
+  END IF;
+  IF OLD.state = 'running' AND NEW.state = 'running' AND NEW.fence = OLD.fence
+     AND NEW.lease_owner IS DISTINCT FROM OLD.lease_owner THEN
+    RAISE EXCEPTION 'a new lease owner needs a new fence' USING ERRCODE = 'check_violation';
+  END IF;
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS trace_tasks_transition ON tasks;
+CREATE TRIGGER trace_tasks_transition BEFORE UPDATE ON tasks
+  FOR EACH ROW EXECUTE FUNCTION trace_tasks_transition();
+
+CREATE OR REPLACE FUNCTION trace_attempts_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE allowed boolean;
+BEGIN
+  IF NEW.state IS DISTINCT FROM OLD.state THEN
+    CASE OLD.state
+    WHEN 'running' THEN allowed := NEW.state IN ('succeeded', 'failed', 'fenced', 'lost');
+    WHEN 'lost' THEN allowed := NEW.state IN ('fenced');
+    WHEN 'succeeded' THEN allowed := NEW.state IN (NULL);
+    WHEN 'failed' THEN allowed := NEW.state IN (NULL);
+    WHEN 'fenced' THEN allowed := NEW.state IN (NULL);
+    ELSE allowed := false;
+    END CASE;
+    IF NOT coalesce(allowed, false) THEN
+      RAISE EXCEPTION 'attempts: illegal state transition % -> %', OLD.state, NEW.state
+        USING ERRCODE = 'check_violation';
+    END IF;
+  END IF;
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS trace_attempts_transition ON attempts;
+CREATE TRIGGER trace_attempts_transition BEFORE UPDATE ON attempts
+  FOR EACH ROW EXECUTE FUNCTION trace_attempts_transition();
+"""
 
 
 def upgrade() -> None:
@@ -201,7 +281,7 @@ def upgrade() -> None:
     op.create_index('uq_attempts_task_fence', 'attempts', ['task_id', 'fence'], unique=True)
 
     # The run/task/attempt state machine, enforced by the database itself.
-    op.execute(all_transition_triggers_sql())
+    op.execute(_STATE_MACHINE_SQL)
 
 
 def downgrade() -> None:
