@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tracecore.dags.spec import Limits
 from tracecore.data import publish
 from tracecore.exceptions import StaleFence, TraceError
 from tracecore.execution import bundles, redaction, tokens
@@ -31,7 +32,7 @@ from tracecore.infra.storage import object_store
 from tracecore.settings import Settings
 
 from ..gateway import TaskGateway
-from ..sandbox import RESULT_CAP_BYTES, Invocation, Outcome, SandboxLimits
+from ..sandbox import RESULT_CAP_BYTES, Invocation, Outcome
 from ..sandbox.hostile_files import capped_work_dir, remove_work_dir
 from ..sandbox.select import backend_for
 from . import AttemptFailed, OperatorContext, OperatorResult
@@ -55,7 +56,7 @@ def run(context: OperatorContext) -> OperatorResult:
     secret = tokens.secret_key(settings)
     capability = tokens.for_lease(lease, settings, inputs=publish.pinned_inputs(lease.org_id, lease.job_spec))
     token = tokens.mint(capability, secret)
-    limits = SandboxLimits(**_limits(lease.job_spec.get("limits") or {}))
+    limits = Limits(**_limits(lease.job_spec.get("limits") or {}))
     work_dir = Path(tempfile.mkdtemp(prefix=f"{lease.task_id}-{lease.fence}-", dir=_sandboxes_dir(settings)))
     max_bytes = settings.sandbox_work_dir_max_bytes
     invocation = Invocation(

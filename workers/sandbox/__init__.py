@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tracecore.dags.spec import Limits
+
 # Exit reasons an attempt can record (the issue's list; `ok` is success).
 EXIT_REASONS = ("ok", "error", "init_error", "timeout", "oom", "killed", "integrity_error", "sandbox_error",
                 "result_too_large", "invalid_result")
@@ -28,12 +30,9 @@ RUNTIME_IMAGES = {"python3.11": "trace-runtime-python", "nodejs": "trace-runtime
                   "provided": "trace-runtime-python"}
 
 
-@dataclass(frozen=True)
-class SandboxLimits:
-    cpu: float = 0.25
-    memory_mb: int = 512
-    timeout_s: float = 60.0
-    pids: int = 128
+# A job's limits are what its sandbox gets: one type, whose defaults are declared once, with the
+# job spec. The old name stays for the sandbox tests until they move to the new layout.
+SandboxLimits = Limits
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Invocation:
     handler: str
     event: dict[str, Any]
     work_dir: Path
-    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    limits: Limits = field(default_factory=Limits)
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()

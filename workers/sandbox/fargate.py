@@ -58,10 +58,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tracecore.dags.spec import Limits
 from tracecore.exceptions import PlatformError
 from tracecore.settings import Settings
 
-from . import LOG_CAP_BYTES, RESULT_CAP_BYTES, RUNTIME_IMAGES, CappedLog, Invocation, Outcome, SandboxLimits
+from . import LOG_CAP_BYTES, RESULT_CAP_BYTES, RUNTIME_IMAGES, CappedLog, Invocation, Outcome
 from .outcome import RESULT_MARKER, RESULT_SLACK_BYTES, TOO_LARGE, decide, parse_result, pid_alive
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ os.execve(sys.executable, [sys.executable, bootstrap], env)
 '''
 
 
-def fargate_size(limits: SandboxLimits) -> tuple[str, str]:
+def fargate_size(limits: Limits) -> tuple[str, str]:
     """The smallest Fargate (cpu units, memory MiB) that holds the limits: 0.25 vCPU, 512 MB -> ("256", "512")."""
     want_cpu = limits.cpu * 1024
     for cpu, memories in FARGATE_SIZES:
@@ -215,7 +216,7 @@ class FargateBackend:
             raise PlatformError(f"no runtime image for {runtime!r}", code="unknown_runtime")
         return f"{self.image_prefix}/{image}:{self.image_tag}"
 
-    def task_definition_spec(self, runtime: str, limits: SandboxLimits) -> dict[str, Any]:
+    def task_definition_spec(self, runtime: str, limits: Limits) -> dict[str, Any]:
         """The register_task_definition arguments for a runtime and limits (tags aside)."""
         cpu, memory = fargate_size(limits)
         return {
@@ -249,7 +250,7 @@ class FargateBackend:
             }],
         }
 
-    def ensure_task_definition(self, runtime: str, limits: SandboxLimits) -> str:
+    def ensure_task_definition(self, runtime: str, limits: Limits) -> str:
         """The ARN of an ACTIVE revision with exactly this content, registering one only if none has it."""
         spec = self.task_definition_spec(runtime, limits)
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -391,7 +392,7 @@ class FargateBackend:
                 self._stop(task_arn, "trace: the worker gave up on this invocation")
         return self._outcome(invocation, task, stopped_for, started)
 
-    def _wait(self, task_arn: str, limits: SandboxLimits) -> tuple[dict[str, Any], str | None]:
+    def _wait(self, task_arn: str, limits: Limits) -> tuple[dict[str, Any], str | None]:
         """Poll until STOPPED; stop the task at the start or run deadline. Answers (task, why we stopped it)."""
         submitted = time.monotonic()
         running_since: float | None = None
@@ -597,7 +598,7 @@ def _error_code(exc: Any) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def task_definition_template(runtime: str = "python3.11", limits: SandboxLimits | None = None) -> str:
+def task_definition_template(runtime: str = "python3.11", limits: Limits | None = None) -> str:
     """deploy/ecs/task-definition.json: what ensure_task_definition registers, with the operator's values
     as ${TRACE_FARGATE_...} placeholders (``python -m workers.sandbox.fargate > deploy/ecs/task-definition.json``)."""
     backend = FargateBackend(
@@ -606,7 +607,7 @@ def task_definition_template(runtime: str = "python3.11", limits: SandboxLimits 
         execution_role_arn="${TRACE_FARGATE_EXECUTION_ROLE_ARN}", bundle_bucket="${TRACE_FARGATE_BUNDLE_BUCKET}",
         gateway_url="${TRACE_FARGATE_GATEWAY_URL}", region="${TRACE_FARGATE_REGION}",
         family="${TRACE_FARGATE_TASK_FAMILY}", log_group="${TRACE_FARGATE_LOG_GROUP}")
-    return json.dumps(backend.task_definition_spec(runtime, limits or SandboxLimits()), indent=2) + "\n"
+    return json.dumps(backend.task_definition_spec(runtime, limits or Limits()), indent=2) + "\n"
 
 
 if __name__ == "__main__":
