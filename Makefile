@@ -32,6 +32,7 @@ images: docker
 ## The whole test suite over real PostgreSQL, Redis, Celery workers and Docker.
 test: install images
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 ## Benchmarks: each prints its figures beside a baseline measured in the same run.
@@ -40,6 +41,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .trace .pytest_cache .ruff_cache

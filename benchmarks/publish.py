@@ -133,7 +133,7 @@ def main() -> None:
                 _, task_id = runs.create_run(org_id=org.id, job_name=f"sink{n}", cause="manual", triggered_by=None)
                 db.session.commit()
                 held = lease.take(task_id, "bench", 600)
-                assert held is not None
+                assert isinstance(held, lease.Lease)
                 capability = tokens.for_lease(held, settings)
                 key = f"{capability.output_prefix}alert_events_{n}/{digest}.parquet"
                 store.put(key, data)

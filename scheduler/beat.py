@@ -6,17 +6,15 @@ Several beats may run at once: each tick's run is made at most once (a unique ke
 
 from __future__ import annotations
 
-from tracecore.settings import Settings
+from tracecore.appctx import create_base_app
+from tracecore.infra import embedded
+from tracecore.settings import Settings, configure
+from workers.app import make_celery
+
+from .schedules import scheduler_for
 
 
 def run(settings: Settings) -> None:
-    from tracecore.appctx import create_base_app
-    from tracecore.infra import embedded
-    from tracecore.settings import configure
-    from workers.app import make_celery
-
-    from .schedules import scheduler_for
-
     settings = configure(embedded.attach(settings))
     flask_app = create_base_app(settings, name="trace-beat")
     celery = make_celery(flask_app)

@@ -35,7 +35,10 @@ from flask import Flask
 
 from tracecore.dags.spec import DagSpec
 from tracecore.execution import dag_runs
+from tracecore.execution.states import Gate, TaskState
+from workers import dispatcher
 from workers.app import EXECUTE_DAG_TASK
+from workers.dispatcher import Dispatched
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +90,28 @@ def _forget_pending(celery: Celery, result: Any) -> None:
 
 def run_dag_task(app: Flask, task: Any, task_id: str) -> str:
     """The body of ``execute_dag_task``; ``task`` is the bound Celery task (for ``retry``)."""
-    from workers import dispatcher
-
     verdict = dag_runs.gate(task_id)
-    if verdict == "wait":
+    if verdict is Gate.WAIT:
         raise task.retry(countdown=_backoff(task), max_retries=None)
-    if verdict == "blocked":  # an upstream failed before this task was canceled with it
+    if verdict is Gate.BLOCKED:  # an upstream failed before this task was canceled with it
         _fail(task, task_id, include_self=True)
-    if verdict == "done":
+    if verdict is Gate.DONE:
         return _settled(task, task_id)
     delays: list[float] = []
     outcome = dispatcher.execute(app, task_id, lambda _task_id, delay: delays.append(delay))
-    if outcome == "succeeded":
+    if outcome is Dispatched.SUCCEEDED:
         return outcome
-    if outcome == "retrying":
+    if outcome is Dispatched.RETRYING:
         raise task.retry(countdown=delays[-1] if delays else WAIT_COUNTDOWN, max_retries=None)
-    if outcome == "dead_letter":
+    if outcome is Dispatched.DEAD_LETTER:
         _fail(task, task_id, resend=True)
-    return _settled(task, task_id)  # not_leased / fenced: another delivery holds the task
+    return _settled(task, task_id)  # not leased, fenced (another delivery holds the task), over capacity
 
 
 def _settled(task: Any, task_id: str) -> str:
     state = dag_runs.task_state(task_id)
-    if state == "succeeded":
-        return "succeeded"
+    if state == TaskState.SUCCEEDED:
+        return TaskState.SUCCEEDED
     if state in dag_runs.FAILED_TASK_STATES:
         _fail(task, task_id)
     raise task.retry(countdown=_backoff(task), max_retries=None)

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from tracecore.appctx import settings_of
 from tracecore.dags.catalog import Job
 from tracecore.data.datasets import Dataset, views_for_condition
+from tracecore.data.publish import pinned_inputs
 from tracecore.db.engine import db, libpq_url
 from tracecore.exceptions import TraceError, UserError
 from tracecore.infra.storage import object_store
@@ -39,8 +40,6 @@ class ConditionError(UserError):
 
 def input_datasets(job: Job) -> list[Dataset]:
     """The datasets behind the job's inputs (platform sources have none)."""
-    from tracecore.data.publish import pinned_inputs
-
     try:
         pins = pinned_inputs(job.org_id, job.spec)
     except TraceError:

@@ -51,6 +51,7 @@ from tracecore.exceptions import NotFound, ValidationError
 from tracecore.execution.runs import Run, Task
 
 from . import conditions
+from .composite import condition_tree_holds
 from .ledger import claim, fire_once, lock_job
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,6 @@ def _gate(job: Job) -> tuple[bool, str | None]:
     trigger = (job.spec or {}).get("trigger")
     if not trigger:
         return True, None
-    from .composite import condition_tree_holds
-
     try:
         return (True, None) if condition_tree_holds(job, trigger) else (False, "condition false")
     except conditions.ConditionError as exc:

@@ -11,10 +11,11 @@ a user is shown::
     │   ├── PermissionDenied      403; the caller's role is too low
     │   ├── Unauthenticated       401; no or bad credentials
     │   └── Conflict              409
-    │       └── StaleFence        a write on behalf of a task whose lease moved on
     ├── UserCodeError             the user's job code failed (the user-code boundary);
     │                             retried by policy, shown with its stack trace
     └── PlatformError             the platform itself failed; retried, paged on
+        └── StaleFence            409: a write on behalf of a task whose lease moved on (a
+                                  worker race, not the user's fault; the attempt stops quietly)
 """
 
 from __future__ import annotations
@@ -79,12 +80,6 @@ class Conflict(UserError):
     http_status = 409
 
 
-class StaleFence(Conflict):
-    """The caller's fence is not the task's current fence, or its lease is gone."""
-
-    code = "stale_fence"
-
-
 class UserCodeError(TraceError):
     """Raised when code the user supplied fails; carries the user's stack trace."""
 
@@ -101,3 +96,15 @@ class UserCodeError(TraceError):
 class PlatformError(TraceError):
     code = "platform_error"
     http_status = 500
+
+
+class StaleFence(PlatformError):
+    """The caller's fence is not the task's current fence, or its lease is gone.
+
+    A race between workers (a zombie attempt, a lapsed lease), never the user's doing: it sits
+    under PlatformError, yet answers 409 where the task API meets it, since the caller lost
+    the task and must not retry the write, and it is not paged on.
+    """
+
+    code = "stale_fence"
+    http_status = 409

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask
 from flask_smorest import Api
 
+from scheduler import hooks
 from tracecore.appctx import create_base_app
 from tracecore.settings import Settings
 from workers.app import make_celery
@@ -35,4 +36,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     edge.register(app)  # strict JSON; the path and query string checked before authentication
     app.before_request(auth.load_principal)
     make_celery(app)
+    hooks.connect()  # the API publishes too (the task API): the scheduler reacts to its events
     return app

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tracecore.exceptions import TraceError
 from tracecore.infra import embedded
 from tracecore.settings import Settings, configure, get_settings
 
@@ -28,6 +29,9 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------- running the platform
+# The project imports inside these functions are deliberate lazy loads: each command loads only
+# its own process's stack (client commands start without Flask, SQLAlchemy or Celery; `trace worker`
+# never loads the API, `trace api` never loads the worker).
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     from tracecore.db.migrate import upgrade
@@ -143,7 +147,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.main import run
+    from scheduler.worker import run
 
     run(configure(embedded.attach(settings)), concurrency=args.concurrency, pool=args.pool, name=args.name)
     return 0
@@ -389,13 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # malformed TRACE_* settings
         print(f"trace: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from tracecore.exceptions import TraceError
-
-        if isinstance(exc, TraceError):
-            print(f"trace: {exc.message}", file=sys.stderr)
-            return 1
-        raise
+    except TraceError as exc:
+        print(f"trace: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

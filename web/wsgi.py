@@ -10,10 +10,10 @@ from flask import Flask
 from tracecore.infra import embedded
 from tracecore.settings import Settings, configure
 
+from .app import create_app
+
 
 def create() -> Flask:
-    from .app import create_app
-
     app = create_app(configure(embedded.attach(Settings.from_env())))
     # The app's hundreds of thousands of long-lived objects (Flask, SQLAlchemy, marshmallow,
     # the OpenAPI spec) leave the collector's generations: a full collection then walks only

@@ -9,7 +9,9 @@ message that is still being worked on to a second worker.
 from __future__ import annotations
 
 import gc
+import importlib
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery, Task
@@ -17,9 +19,13 @@ from celery.signals import worker_process_init
 from flask import Flask
 
 from tracecore.appctx import create_base_app, settings_of
+from tracecore.infra import embedded
+from tracecore.settings import configure, get_settings
 
 from . import messages
 
+# The message names of the app: senders need only these. The tasks behind them are defined by the package
+# that owns them: workers/tasks.py, and scheduler/tasks.py (EXECUTE_DAG_TASK, DATASET_UPDATED).
 EXECUTE_TASK = "trace.execute_task"
 # One task of a DAG run, as a signature of the run's canvas (scheduler/canvas.py); keeps its result (chords).
 EXECUTE_DAG_TASK = "trace.execute_dag_task"
@@ -86,16 +92,15 @@ def dataset_updated(flask_app: Flask, dataset_id: uuid.UUID | str, version: int)
         celery.send_task(DATASET_UPDATED, args=[str(dataset_id), int(version)], ignore_result=True)
 
 
-def create_worker_app() -> Celery:
-    """Entry point for ``celery -A workers.app:create_worker_app``-style loaders and `trace worker`."""
-    from tracecore.infra import embedded
-    from tracecore.settings import configure, get_settings
-
+def create_worker_app(include: Sequence[str] = ()) -> Celery:
+    """The worker's Celery app with the worker's tasks and the task modules ``include`` names (the
+    layers above add theirs by name: see scheduler/worker.py, the worker's composition root)."""
     settings = configure(embedded.attach(get_settings()))
     flask_app = create_base_app(settings, name="trace-worker")
     celery = make_celery(flask_app)
-    celery.autodiscover_tasks(["workers"], related_name="tasks", force=True)
-    import workers.tasks  # noqa: F401  (registers the tasks on this app)
+    celery.conf.include = ["workers.tasks", *include]
+    for module in celery.conf.include:  # registered now, before the collector freeze below
+        importlib.import_module(module)
 
     # Long-lived objects leave the collector's generations (see web/server.py), before the pool
     # forks (children share the pages) and again in each child after its own start-up.

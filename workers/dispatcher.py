@@ -15,13 +15,17 @@ import threading
 import traceback
 import uuid
 from collections.abc import Callable
+from enum import StrEnum
 
 from flask import Flask
 
 from tracecore.appctx import settings_of
+from tracecore.events import emit, task_succeeded
 from tracecore.exceptions import PlatformError, StaleFence, TraceError, UserCodeError
 from tracecore.execution import lease as leases
 from tracecore.execution.operators import CATALOG
+from tracecore.execution.states import ExitReason, Refused
+from tracecore.settings import Settings
 
 from .operators import AttemptFailed, OperatorContext, OperatorResult
 
@@ -86,57 +90,64 @@ def _heartbeat(app: Flask) -> Heartbeat:
     return beat
 
 
-def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> str:
-    """Run one delivery of ``execute_task``; answers what happened, for logs and tests."""
+class Dispatched(StrEnum):
+    """What one delivery of a task came to (for the canvas, logs and tests)."""
+
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"  # the attempt failed; the task was enqueued again after its backoff
+    DEAD_LETTER = "dead_letter"  # the attempt failed and no retry is left
+    NOT_LEASED = "not_leased"  # another delivery holds the task, or it is done
+    OVER_CAPACITY = "over_capacity"  # a cap is reached: enqueued again shortly
+    FENCED = "fenced"  # the lease moved on while the operator ran: another attempt owns the task
+
+
+def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> Dispatched:
+    """Run one delivery of ``execute_task``."""
     settings = settings_of(app)
     held = leases.take(task_id, worker_name(), settings.lease_ttl, org_cap=settings.org_max_running)
-    if held is None:
-        return "not_leased"
-    if held == leases.OVER_CAPACITY:  # the task waits, never lost: deliver it again shortly
+    if held is Refused.OVER_CAPACITY:  # the task waits, never lost: deliver it again shortly
         enqueue(task_id, CAPACITY_COUNTDOWN * random.uniform(1, 2))
-        return "over_capacity"
-    assert isinstance(held, leases.Lease)
+        return Dispatched.OVER_CAPACITY
+    if held is Refused.HELD:
+        return Dispatched.NOT_LEASED
     heartbeat = _heartbeat(app)
     heartbeat.add(held)
     try:
-        outcome = _run_operator(OperatorContext(lease=held, settings=settings, app=app))
-    finally:
-        heartbeat.remove(held)
+        try:
+            outcome = _run_operator(OperatorContext(lease=held, settings=settings, app=app))
+        finally:
+            heartbeat.remove(held)
+    except AttemptFailed as failed:
+        return _record_failure(held, failed, settings, enqueue)
     try:
-        if isinstance(outcome, OperatorResult):
-            closed = leases.succeed(held, outcome.value, peak_memory_bytes=outcome.peak_memory_bytes,
-                                    log_location=outcome.log_location)
-            if closed.named_by_composite:
-                _fire_composites(app, held)
-            return "succeeded"
-        delay = leases.fail(held, outcome.failure, base_delay=settings.retry_base_delay,
-                            max_delay=settings.retry_max_delay, peak_memory_bytes=outcome.peak_memory_bytes,
-                            log_location=outcome.log_location)
+        closed = leases.succeed(held, outcome.value, peak_memory_bytes=outcome.peak_memory_bytes,
+                                log_location=outcome.log_location)
     except StaleFence:
         log.warning("task %s: attempt with fence %s was fenced off", held.task_id, held.fence)
-        return "fenced"
-    if delay is None:
-        return "dead_letter"
-    enqueue(str(held.task_id), delay)
-    return "retrying"
+        return Dispatched.FENCED
+    emit(task_succeeded, app, org_id=held.org_id, task_id=held.task_id, job_name=held.job_name,
+         named_by_composite=closed.named_by_composite)
+    return Dispatched.SUCCEEDED
 
 
-def _fire_composites(app: Flask, lease: leases.Lease) -> None:
-    """Composite triggers this success completes, at once; best effort: the beat's sweep fires
-    whatever this misses."""
-    from scheduler.composite import on_task_succeeded
-
-    from .app import enqueue
-
+def _record_failure(held: leases.Lease, failed: AttemptFailed, settings: Settings,
+                    enqueue: Callable[[str, float], None]) -> Dispatched:
     try:
-        for fired in on_task_succeeded(lease.org_id, lease.job_name):
-            enqueue(app, fired)
-    except Exception:
-        log.warning("composite triggers after task %s failed", lease.task_id, exc_info=True)
+        delay = leases.fail(held, failed.failure, base_delay=settings.retry_base_delay,
+                            max_delay=settings.retry_max_delay, peak_memory_bytes=failed.peak_memory_bytes,
+                            log_location=failed.log_location)
+    except StaleFence:
+        log.warning("task %s: attempt with fence %s was fenced off", held.task_id, held.fence)
+        return Dispatched.FENCED
+    if delay is None:
+        return Dispatched.DEAD_LETTER
+    enqueue(str(held.task_id), delay)
+    return Dispatched.RETRYING
 
 
-def _run_operator(context: OperatorContext) -> OperatorResult | AttemptFailed:
-    """Run the operator behind the user-code boundary: whatever it raises becomes a recorded failure."""
+def _run_operator(context: OperatorContext) -> OperatorResult:
+    """Run the operator behind the user-code boundary: whatever it raises becomes
+    :class:`AttemptFailed`, carrying the failure to record."""
     info = CATALOG.get(context.lease.operator)
     try:
         if info is None:
@@ -144,12 +155,13 @@ def _run_operator(context: OperatorContext) -> OperatorResult | AttemptFailed:
                                 code="unknown_operator")
         value = info.load()(context)
         return value if isinstance(value, OperatorResult) else OperatorResult(value)
-    except AttemptFailed as failed:
-        return failed
+    except AttemptFailed:
+        raise
     except UserCodeError as exc:
-        return AttemptFailed(leases.Failure("error", exc.error_type, exc.message,
-                                            exc.stack_trace or traceback.format_exc()))
+        failure = leases.Failure(ExitReason.ERROR, exc.error_type, exc.message,
+                                 exc.stack_trace or traceback.format_exc())
     except TraceError as exc:
-        return AttemptFailed(leases.Failure(exc.code, type(exc).__name__, exc.message, traceback.format_exc()))
+        failure = leases.Failure(exc.code, type(exc).__name__, exc.message, traceback.format_exc())
     except Exception as exc:  # an operator's own bug: recorded on the attempt, retried by policy
-        return AttemptFailed(leases.Failure("error", type(exc).__name__, str(exc), traceback.format_exc()))
+        failure = leases.Failure(ExitReason.ERROR, type(exc).__name__, str(exc), traceback.format_exc())
+    raise AttemptFailed(failure)

@@ -1,17 +1,17 @@
-"""`trace worker`: a Celery worker on the ``trace`` queue."""
+"""Start a Celery worker on the ``trace`` queue (the app comes from the composition root,
+``scheduler/worker.py``)."""
 
 from __future__ import annotations
+
+import os
+
+from celery import Celery
 
 from tracecore.settings import Settings
 
 
-def run(settings: Settings, *, concurrency: int | None = None, pool: str = "prefork",
+def run(celery: Celery, settings: Settings, *, concurrency: int | None = None, pool: str = "prefork",
         name: str | None = None) -> None:
-    import os
-
-    from .app import create_worker_app
-
-    celery = create_worker_app()
     argv = ["worker", "--loglevel=WARNING", f"--concurrency={concurrency or settings.worker_concurrency}",
             f"--pool={pool}", "--queues=trace", f"--hostname={name or f'trace-{os.getpid()}@%h'}",
             # Gossip, mingle and events cost start-up time and broker traffic; the

@@ -1,22 +1,29 @@
-"""Celery tasks. Each is a few lines: the work lives in the dispatcher and tracecore."""
+"""The worker's Celery tasks. Each is a few lines: the work lives in the dispatcher and tracecore.
+
+The scheduler's tasks (a DAG run's canvas task, ``dataset_updated``) live in ``scheduler/tasks.py``;
+the worker process's composition root (``scheduler/worker.py``) includes both modules.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from celery import current_app, shared_task
 from flask import current_app as flask_app
+from sqlalchemy import select
 
+from tracecore.data.publish import publish_with_token
+from tracecore.db.engine import db
 from tracecore.execution import dag_runs
 from tracecore.execution import lease as leases
+from tracecore.execution.runs import Run, Task
+from tracecore.execution.states import Gate
 
 from . import dispatcher
 from .app import (
     BUFFER_PUBLISH,
     CLOCK,
-    DATASET_UPDATED,
     EXECUTE_DAG_TASK,
     EXECUTE_TASK,
     PING,
@@ -24,6 +31,8 @@ from .app import (
     REAP_SANDBOXES,
     enqueue,
 )
+from .sandbox.hostile_files import reap_work_dirs
+from .sandbox.select import backend_for
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +46,6 @@ def execute_task(task_id: str) -> str:
     return dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
 
 
-@shared_task(name=EXECUTE_DAG_TASK, bind=True, max_retries=None)
-def execute_dag_task(self, task_id: str) -> str:
-    """One task of a DAG run inside its canvas: raises unless the task succeeded (see scheduler/canvas.py)."""
-    from scheduler.canvas import run_dag_task
-
-    return run_dag_task(flask_app._get_current_object(), self, task_id)  # type: ignore[attr-defined]
-
-
 @shared_task(name=REAP_LEASES, ignore_result=True)
 def reap_leases() -> int:
     settings = flask_app.config["TRACE_SETTINGS"]
@@ -53,7 +54,7 @@ def reap_leases() -> int:
     for task_id in task_ids:
         if task_id in in_dags:  # a DAG run's task goes through the dependency gate, never around it;
             # one still waiting for its upstreams is left to its canvas (no polling message per reap)
-            if dag_runs.gate(str(task_id)) == "ready":
+            if dag_runs.gate(str(task_id)) is Gate.READY:
                 current_app.send_task(EXECUTE_DAG_TASK, args=[str(task_id)])
         else:
             _enqueue(str(task_id), 0)
@@ -63,11 +64,6 @@ def reap_leases() -> int:
 def _tasks_of_dag_runs(task_ids: list) -> set:
     if not task_ids:
         return set()
-    from sqlalchemy import select
-
-    from tracecore.db.engine import db
-    from tracecore.execution.runs import Run, Task
-
     found = set(db.session.scalars(select(Task.id).join(Run, Run.id == Task.run_id)
                                    .where(Task.id.in_(task_ids), Run.dag_id.is_not(None))))
     db.session.rollback()
@@ -91,9 +87,6 @@ def clock() -> list[float]:
 @shared_task(name=REAP_SANDBOXES, ignore_result=True)
 def reap_sandboxes() -> int:
     """Remove sandboxes whose worker died (SIGKILL leaves its container behind, and its work dir's tmpfs)."""
-    from .sandbox.hostile_files import reap_work_dirs
-    from .sandbox.select import backend_for
-
     settings = flask_app.config["TRACE_SETTINGS"]
     try:
         reap_work_dirs(settings.home_path / "sandboxes", settings.max_job_timeout + 300)
@@ -111,24 +104,4 @@ def buffer_publish(claims_token: str, manifest: dict) -> dict:
     """Publish a batch artifact on behalf of the task the capability token names (its fence
     checked like the gateway's): for publishers with a broker but no gateway socket. Answers the
     route's JSON with ``status`` inside; a refusal (409, 422 ...) is an answer, not a retry."""
-    from tracecore.data.publish import publish_with_token
-
     return publish_with_token(claims_token, manifest, flask_app.config["TRACE_SETTINGS"])
-
-
-@shared_task(name=DATASET_UPDATED, ignore_result=True)
-def dataset_updated(dataset_id: str, version: int) -> int:
-    """The jobs watching the dataset (reactive, refresh: auto) and the composites with conditions,
-    at once (each update fires once, so a duplicate delivery makes nothing; the beat's sweep
-    fires whatever this misses); answers how many runs it made."""
-    from scheduler import composite, reactive
-    from tracecore.data.datasets import Dataset
-    from tracecore.db.engine import db
-
-    task_ids = reactive.on_dataset_updated(dataset_id, version)
-    dataset = db.session.get(Dataset, uuid.UUID(dataset_id))
-    if dataset is not None:
-        task_ids += composite.on_dataset_updated(dataset.org_id, dataset.id)
-    for task_id in task_ids:
-        _enqueue(str(task_id), 0)
-    return len(task_ids)

@@ -16,7 +16,9 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy import (
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -85,6 +87,23 @@ class Job(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class Schedule(Base):
+    """A job's ``schedule:``, derived on every save of its DAG (:func:`sync_schedules`); the beat fires it
+    (``triggers.fire_due``). Only ``paused`` is set through the API."""
+
+    __tablename__ = "schedules"
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False,
+                                              unique=True)
+    cron: Mapped[str | None] = mapped_column(String(128))
+    every_s: Mapped[float | None] = mapped_column(Float)
+    timezone: Mapped[str] = mapped_column(String(64), nullable=False, default="UTC")
+    catch_up: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    paused: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = created_at()
+
+
 def _check_name(name: str) -> None:
     if not re.match(NAME_PATTERN, name):
         raise ValidationError(f"DAG name {name!r} must match {NAME_PATTERN}", path="name", code="invalid_value")
@@ -122,8 +141,6 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
     db.session.add(version)
     _sync_jobs(dag, spec)
     db.session.flush()
-    from tracecore.dags.triggers import sync_schedules  # triggers imports this module
-
     sync_schedules(dag.id)
     _declare_outputs(dag, spec)
     return dag, version
@@ -164,6 +181,25 @@ def _sync_jobs(dag: Dag, spec: DagSpec) -> None:
             job.updated_at = func.now()
     for removed in existing.values():
         removed.deleted_at = func.now()
+
+
+def sync_schedules(dag_id: uuid.UUID) -> None:
+    """Make the schedule rows of a DAG's live jobs match their ``schedule:`` (pause state kept)."""
+    jobs = list(db.session.scalars(select(Job).where(Job.dag_id == dag_id)))
+    existing = {row.job_id: row for row in db.session.scalars(
+        select(Schedule).where(Schedule.job_id.in_([job.id for job in jobs])))} if jobs else {}
+    for job in jobs:
+        spec = (job.spec or {}).get("schedule") if job.deleted_at is None else None
+        row = existing.get(job.id)
+        if not spec:
+            if row is not None:
+                db.session.delete(row)
+            continue
+        if row is None:
+            row = Schedule(org_id=job.org_id, job_id=job.id, paused=False)
+            db.session.add(row)
+        row.cron, row.every_s = spec.get("cron"), spec.get("every_s")
+        row.timezone, row.catch_up = spec.get("timezone") or "UTC", int(spec.get("catch_up") or 0)
 
 
 def _declare_outputs(dag: Dag, spec: DagSpec) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tracecore.exceptions import UserError
+from tracecore.query.policy import check_statement
 
 # Aliases let a few YAML lines expand into huge or self-referencing trees; these
 # bounds keep validation (and later JSON encoding) linear in the document's size.
@@ -125,8 +126,6 @@ class TriggerRules:
 
     def when_sql(self, sql: str, path: str) -> None:
         """One SELECT, judged by the Query Service's own policy before it is ever run."""
-        from tracecore.query.policy import check_statement
-
         if not sql.strip():
             self.error("invalid_value", path, "'when' needs a SQL condition")
             return

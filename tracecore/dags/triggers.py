@@ -1,7 +1,7 @@
 """Time and webhook triggers: schedule rows, scheduled ticks, webhook triggers, the run rate limit.
 
 A ``Schedule`` row is derived from a job's ``schedule:`` every time its DAG is saved
-(``sync_schedules``); only ``paused`` is set through the API. The beat (``fire_due``)
+(``catalog.sync_schedules``, part of the save); only ``paused`` is set through the API. The beat (``fire_due``)
 inserts ``ScheduledTick(job_id, scheduled_for)`` with ``ON CONFLICT DO NOTHING`` and the
 run in the same transaction, so a restarted beat, or two beats, make exactly one run
 per tick.
@@ -31,13 +31,10 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from cryptography.fernet import Fernet
 from sqlalchemy import (
-    Boolean,
     CheckConstraint,
     DateTime,
-    Float,
     ForeignKey,
     Index,
-    Integer,
     LargeBinary,
     String,
     Text,
@@ -49,27 +46,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tracecore.dags.catalog import Job
+from tracecore.dags.catalog import Job, Schedule, get_job, sync_schedules
 from tracecore.db.engine import Base, created_at, db, uuid_pk
-from tracecore.exceptions import NotFound, Unauthenticated
+from tracecore.exceptions import NotFound, Unauthenticated, ValidationError
 from tracecore.execution import runs
+from tracecore.execution.tokens import secret_key
+from tracecore.infra.strict_json import loads
 from tracecore.settings import Settings
 
 SIGNATURE_TOLERANCE_S = 300
-
-
-class Schedule(Base):
-    __tablename__ = "schedules"
-    id: Mapped[uuid.UUID] = uuid_pk()
-    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False)
-    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False,
-                                              unique=True)
-    cron: Mapped[str | None] = mapped_column(String(128))
-    every_s: Mapped[float | None] = mapped_column(Float)
-    timezone: Mapped[str] = mapped_column(String(64), nullable=False, default="UTC")
-    catch_up: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    paused: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    created_at: Mapped[datetime] = created_at()
 
 
 class ScheduledTick(Base):
@@ -114,25 +99,6 @@ class WebhookTrigger(Base):
 
 
 # --- schedules ----------------------------------------------------------------------------------------------
-
-
-def sync_schedules(dag_id: uuid.UUID) -> None:
-    """Make the schedule rows of a DAG's live jobs match their ``schedule:`` (pause state kept)."""
-    jobs = list(db.session.scalars(select(Job).where(Job.dag_id == dag_id)))
-    existing = {row.job_id: row for row in db.session.scalars(
-        select(Schedule).where(Schedule.job_id.in_([job.id for job in jobs])))} if jobs else {}
-    for job in jobs:
-        spec = (job.spec or {}).get("schedule") if job.deleted_at is None else None
-        row = existing.get(job.id)
-        if not spec:
-            if row is not None:
-                db.session.delete(row)
-            continue
-        if row is None:
-            row = Schedule(org_id=job.org_id, job_id=job.id, paused=False)
-            db.session.add(row)
-        row.cron, row.every_s = spec.get("cron"), spec.get("every_s")
-        row.timezone, row.catch_up = spec.get("timezone") or "UTC", int(spec.get("catch_up") or 0)
 
 
 def set_paused(org_id: uuid.UUID, job_name: str, paused: bool) -> Schedule:
@@ -215,16 +181,12 @@ def fire_due(now: datetime | None = None) -> list[uuid.UUID]:
 
 
 def _fernet(settings: Settings) -> Fernet:
-    from tracecore.execution.tokens import secret_key
-
     key = hashlib.sha256(b"trace-webhook-secrets:" + secret_key(settings)).digest()
     return Fernet(base64.urlsafe_b64encode(key))
 
 
 def create_webhook(settings: Settings, org_id: uuid.UUID, job_name: str,
                    user_id: uuid.UUID | None) -> tuple[WebhookTrigger, str]:
-    from tracecore.dags.catalog import get_job
-
     job = get_job(org_id, job_name)
     secret = "whsec_" + secrets.token_urlsafe(32)
     trigger = WebhookTrigger(org_id=org_id, job_id=job.id, created_by=user_id,
@@ -270,9 +232,6 @@ def verify_webhook(settings: Settings, trigger: WebhookTrigger, timestamp: str |
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
-    from tracecore.exceptions import ValidationError
-    from tracecore.infra.strict_json import loads
-
     value = loads(body or b"{}")  # depth, NaN, huge integers, NUL, surrogates: 400 with their code
     if not isinstance(value, dict):
         raise ValidationError("the body must be a JSON object", code="invalid_json")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -57,6 +56,7 @@ from tracecore.data.lineage import record_lineage
 from tracecore.data.schema import arrow_schema, normalize_schema, pg_column_type, type_name
 from tracecore.data.schema import schema_fingerprint as fingerprint_of
 from tracecore.db.engine import Base, created_at, db, uuid_pk
+from tracecore.events import dataset_version_committed, emit
 from tracecore.exceptions import NotFound, PermissionDenied, TraceError, UserError, ValidationError
 from tracecore.execution import lease, operators
 from tracecore.execution.redaction import redact, redact_value
@@ -172,16 +172,10 @@ def buffer_publish(capability: Capability, manifest: Mapping[str, Any], *, store
 
 
 def _notify_updated(dataset_id: uuid.UUID, version: int) -> None:
-    """After the commit: the reactive hook (scheduler/reactive.py), best effort (a lost message
-    loses that update's reactive run, never the publish)."""
-    try:
-        from flask import current_app
-
-        from workers.app import dataset_updated
-
-        dataset_updated(current_app._get_current_object(), dataset_id, version)  # type: ignore[attr-defined]
-    except Exception:
-        logging.getLogger(__name__).warning("could not send dataset_updated", exc_info=True)
+    """After the commit: tell whoever listens (the scheduler's reactive hook), best effort (a lost
+    event delays that update's reactive run until the beat's sweep, never loses the publish)."""
+    emit(dataset_version_committed, current_app._get_current_object(),  # type: ignore[attr-defined]
+         dataset_id=dataset_id, version=version)
 
 
 def publish_rows(capability: Capability, dataset: str | None, rows: Any, *, store: ObjectStore) -> PublishResult:

@@ -22,10 +22,11 @@ from tracecore.dags.spec import DagSpec, JobSpec
 from tracecore.db.engine import db, execute_one
 from tracecore.exceptions import Conflict, NotFound, ValidationError
 from tracecore.execution.lease import RUN_FINISHED_CHANNEL
-from tracecore.execution.runs import Run, Task, get_run, tasks_of
+from tracecore.execution.runs import TERMINAL_TASK_STATES, Run, Task, get_run, tasks_of
+from tracecore.execution.states import Gate, TaskState
 
 RERUN_SCOPES = ("self", "downstream", "failed")
-FAILED_TASK_STATES = ("dead_letter", "canceled")
+FAILED_TASK_STATES = (TaskState.DEAD_LETTER, TaskState.CANCELED)
 
 
 def dag_spec(dag_id: uuid.UUID) -> tuple[DagSpec, dict[str, Job]]:
@@ -225,20 +226,16 @@ WHERE t.id = :task_id
 """)
 
 
-def gate(task_id: str) -> str:
-    """Whether a task of a DAG run may be leased now.
-
-    ``done`` (the task is terminal already), ``ready`` (every upstream of this run succeeded),
-    ``wait`` (an upstream is still open) or ``blocked`` (an upstream dead-lettered or was canceled).
-    """
+def gate(task_id: str) -> Gate:
+    """Whether a task of a DAG run may be leased now (see :class:`Gate`)."""
     row = execute_one(_UPSTREAM_STATES, {"task_id": task_id})
-    if row is None or row["state"] in ("succeeded", "dead_letter", "canceled"):
-        return "done"
+    if row is None or row["state"] in TERMINAL_TASK_STATES:
+        return Gate.DONE
     upstream = set(JobSpec.from_dict(row["spec"]).dependencies())
     states = [state for name, state in row["others"] if name in upstream]
     if any(state in FAILED_TASK_STATES for state in states):
-        return "blocked"
-    return "ready" if all(state == "succeeded" for state in states) else "wait"
+        return Gate.BLOCKED
+    return Gate.READY if all(state == TaskState.SUCCEEDED for state in states) else Gate.WAIT
 
 
 def task_state(task_id: str) -> str | None:

@@ -24,13 +24,14 @@ from tracecore.db.engine import batches, db, execute_one
 from tracecore.exceptions import StaleFence
 from tracecore.execution.redaction import redact, redact_optional
 from tracecore.execution.runs import CREATION_LOCK, TERMINAL_TASK_STATES
+from tracecore.execution.states import AttemptState, ExitReason, LeaseVerdict, Refused, TaskState, quoted
 
 log = logging.getLogger(__name__)
 
 # PostgreSQL NOTIFY channel: payload "<run id> <state>" when a run finishes.
 RUN_FINISHED_CHANNEL = "trace_run_finished"
 
-_TERMINAL = ", ".join(repr(state) for state in TERMINAL_TASK_STATES)
+_TERMINAL = quoted(TERMINAL_TASK_STATES)
 
 # One task of a run reached a terminal state: count it; the last one finishes the run.
 _COUNT_CLOSED_TASK = """
@@ -126,9 +127,6 @@ INSERT INTO job_running (job_id) SELECT job_id FROM task ON CONFLICT DO NOTHING
 # to end its transaction, which normally takes a fraction of a millisecond. Past it the message
 # is dropped: the reaper's sweep sends a task that stays queued again.
 _WAIT_FOR_CREATOR = text("SELECT set_config('lock_timeout', '10s', true)")
-
-# What take() answers when the task waits for capacity (distinct from None: another worker holds it).
-OVER_CAPACITY = "over_capacity"
 
 # Close the task and its attempt; the run's counters make the last task to close
 # finish the run in the same statement (row locks order concurrent closers).
@@ -228,30 +226,30 @@ def _fast(statement: TextClause, params: dict[str, Any]) -> dict[str, Any] | Non
     return execute_one(statement, params, durable=False)
 
 
-def take(task_id: uuid.UUID | str, worker: str, ttl: float,
-         org_cap: int = 2147483647) -> Lease | str | None:
-    """Take the lease and record the attempt in one statement; None when another worker holds the
-    task (or it is done, or never committed), :data:`OVER_CAPACITY` when the org's or the job's
-    running tasks are at their cap. A task not there yet may have been enqueued ahead of its
-    commit (runs.create_enqueued_run): the take then waits for its creator and looks again."""
+def take(task_id: uuid.UUID | str, worker: str, ttl: float, org_cap: int = 2147483647) -> Lease | Refused:
+    """Take the lease and record the attempt in one statement; :attr:`Refused.HELD` when another
+    worker holds the task (or it is done, or never committed), :attr:`Refused.OVER_CAPACITY` when
+    the org's or the job's running tasks are at their cap. A task not there yet may have been
+    enqueued ahead of its commit (runs.create_enqueued_run): the take then waits for its creator
+    and looks again."""
     attempt_id = uuid.uuid4()
     params = {"task_id": str(task_id), "worker": worker, "ttl": ttl, "attempt_id": attempt_id, "org_cap": org_cap}
     row = _fast(_TAKE, params)
-    if row is not None and row["verdict"] == "unseen":  # enqueued before its commit: wait for its creator
+    if row is not None and row["verdict"] == LeaseVerdict.UNSEEN:  # enqueued before its commit: wait for its creator
         try:
             with batches(durable=False) as transaction:
                 row = transaction.commit(_WAIT_FOR_CREATOR, CREATION_LOCK, _TAKE, params=params)
         except LockNotAvailable:
             log.warning("task %s: its creator's transaction is still open; the reaper will send it again", task_id)
-            return None
-    if row is not None and row["verdict"] == "missing":  # the first lease of a new org or job
+            return Refused.HELD
+    if row is not None and row["verdict"] == LeaseVerdict.MISSING:  # the first lease of a new org or job
         _fast(_ADD_COUNTERS, {"task_id": str(task_id)})
         row = _fast(_TAKE, params)
     assert row is not None
-    if row["verdict"] == "full":
-        return OVER_CAPACITY
-    if row["verdict"] != "ok" or row["id"] is None:
-        return None
+    if row["verdict"] == LeaseVerdict.FULL:
+        return Refused.OVER_CAPACITY
+    if row["verdict"] != LeaseVerdict.OK or row["id"] is None:
+        return Refused.HELD
     return Lease(task_id=row["id"], org_id=row["org_id"], run_id=row["run_id"], job_id=row["job_id"],
                  job_name=row["job_name"], fence=row["fence"], attempt_id=attempt_id,
                  attempt_number=row["attempts_count"], max_retries=row["max_retries"], worker=worker,
@@ -287,7 +285,8 @@ class Closed:
 def succeed(lease: Lease, result: Any = None, *, peak_memory_bytes: int | None = None,
             log_location: str | None = None) -> Closed:
     """Record success."""
-    row = _close(lease, task_state="succeeded", attempt_state="succeeded", exit_reason="ok", result=result,
+    row = _close(lease, task_state=TaskState.SUCCEEDED, attempt_state=AttemptState.SUCCEEDED,
+                 exit_reason=ExitReason.OK, result=result,
                  peak_memory_bytes=peak_memory_bytes, log_location=log_location)
     return Closed(run_state=row["run_state"], named_by_composite=row["named_by_composite"])
 
@@ -297,7 +296,7 @@ def fail(lease: Lease, failure: Failure, *, base_delay: float, max_delay: float,
     """Record a failed attempt; answers the retry delay, or None when the task is dead-lettered."""
     delay = retry_delay(lease.attempt_number, base_delay, max_delay)
     retry = failure.retryable and lease.attempt_number <= lease.max_retries
-    _close(lease, task_state="retrying" if retry else "dead_letter", attempt_state="failed",
+    _close(lease, task_state=TaskState.RETRYING if retry else TaskState.DEAD_LETTER, attempt_state=AttemptState.FAILED,
            exit_reason=failure.exit_reason, error_type=failure.error_type, error_message=failure.message,
            stack_trace=failure.stack_trace, delay=delay, peak_memory_bytes=peak_memory_bytes,
            log_location=log_location)
@@ -315,7 +314,7 @@ def retry_delay(attempt_number: int, base: float, cap: float) -> float:
     return min(cap, ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
-def _close(lease: Lease, *, task_state: str, attempt_state: str, exit_reason: str, result: Any = None,
+def _close(lease: Lease, *, task_state: TaskState, attempt_state: AttemptState, exit_reason: str, result: Any = None,
            error_type: str | None = None, error_message: str | None = None, stack_trace: str | None = None,
            delay: float = 0.0, peak_memory_bytes: int | None = None,
            log_location: str | None = None) -> dict[str, Any]:
@@ -392,7 +391,7 @@ def reap(stale_after: float) -> list[uuid.UUID]:
     """
     rows = db.session.execute(_REAP, {"stale": stale_after}).all()
     for row in rows:
-        if row.state == "dead_letter":
+        if row.state == TaskState.DEAD_LETTER:
             db.session.execute(_COUNT_DEAD_TASK, {"run_id": row.run_id})
     db.session.commit()
-    return [row.id for row in rows if row.state == "queued"]
+    return [row.id for row in rows if row.state == TaskState.QUEUED]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -36,44 +36,48 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from tracecore.db.engine import Base, batches, created_at, db, execute_one, uuid_pk
 from tracecore.exceptions import NotFound, TraceError, ValidationError
+from tracecore.execution.states import AttemptState, RunState, TaskState, quoted
 from tracecore.settings import Settings
 
 RUN_CAUSES = ("schedule", "webhook", "data", "dependency", "composite", "manual", "rerun", "refresh", "idle")
 
-RUN_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "queued": ("running", "succeeded", "failed", "canceled"),
-    "running": ("succeeded", "failed", "canceled"),
-    "succeeded": (),
-    "failed": (),
-    "canceled": (),
+R, T, A = RunState, TaskState, AttemptState
+RUN_TRANSITIONS: dict[RunState, tuple[RunState, ...]] = {
+    R.QUEUED: (R.RUNNING, R.SUCCEEDED, R.FAILED, R.CANCELED),
+    R.RUNNING: (R.SUCCEEDED, R.FAILED, R.CANCELED),
+    R.SUCCEEDED: (),
+    R.FAILED: (),
+    R.CANCELED: (),
 }
 
-TASK_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "queued": ("running", "canceled"),
+TASK_TRANSITIONS: dict[TaskState, tuple[TaskState, ...]] = {
+    T.QUEUED: (T.RUNNING, T.CANCELED),
     # running -> running: another worker took over an expired lease (fence + 1).
     # running -> queued: the reaper hands an expired lease back to the queue.
-    "running": ("running", "queued", "retrying", "succeeded", "dead_letter", "canceled"),
-    "retrying": ("running", "canceled"),
-    "succeeded": (),
-    "dead_letter": (),
-    "canceled": (),
+    T.RUNNING: (T.RUNNING, T.QUEUED, T.RETRYING, T.SUCCEEDED, T.DEAD_LETTER, T.CANCELED),
+    T.RETRYING: (T.RUNNING, T.CANCELED),
+    T.SUCCEEDED: (),
+    T.DEAD_LETTER: (),
+    T.CANCELED: (),
 }
 
-ATTEMPT_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "running": ("succeeded", "failed", "fenced", "lost"),
+ATTEMPT_TRANSITIONS: dict[AttemptState, tuple[AttemptState, ...]] = {
+    A.RUNNING: (A.SUCCEEDED, A.FAILED, A.FENCED, A.LOST),
     # A lost attempt (its worker seemed dead) that later tries to write is fenced.
-    "lost": ("fenced",),
-    "succeeded": (),
-    "failed": (),
-    "fenced": (),
+    A.LOST: (A.FENCED,),
+    A.SUCCEEDED: (),
+    A.FAILED: (),
+    A.FENCED: (),
 }
+del R, T, A
+_S = TypeVar("_S", bound=str)
 
 TERMINAL_TASK_STATES = tuple(state for state, nexts in TASK_TRANSITIONS.items() if not nexts)
 TERMINAL_RUN_STATES = tuple(state for state, nexts in RUN_TRANSITIONS.items() if not nexts)
 
 
 def _in(column: str, values: tuple[str, ...] | list[str]) -> str:
-    return f"{column} IN ({', '.join(repr(value) for value in values)})"
+    return f"{column} IN ({quoted(values)})"
 
 
 class Run(Base):
@@ -167,13 +171,13 @@ class Attempt(Base):
     log_location: Mapped[str | None] = mapped_column(Text)
 
 
-def transition_trigger_sql(table: str, transitions: dict[str, tuple[str, ...]]) -> str:
+def transition_trigger_sql(table: str, transitions: Mapping[_S, tuple[_S, ...]]) -> str:
     """A BEFORE UPDATE trigger that refuses any state change not in ``transitions``.
 
     Also refuses a fence that goes down, for tables that have one.
     """
     cases = "\n".join(
-        f"    WHEN {state!r} THEN allowed := NEW.state IN ({', '.join(repr(n) for n in nexts) or 'NULL'});"
+        f"    WHEN '{state}' THEN allowed := NEW.state IN ({quoted(nexts) or 'NULL'});"
         for state, nexts in transitions.items())
     fence_check = ""
     changed = "NEW.state IS DISTINCT FROM OLD.state"

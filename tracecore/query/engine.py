@@ -74,6 +74,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from tracecore.data.schema import parse_arrow_type
 from tracecore.exceptions import PlatformError, UserError
 from tracecore.infra.storage import LocalObjectStore, ObjectStore
 from tracecore.query.policy import (
@@ -184,8 +185,6 @@ def _literal(text: str) -> str:
 
 def _arrow_type(text: str) -> pa.DataType | None:
     try:
-        from tracecore.data.schema import parse_arrow_type
-
         return parse_arrow_type(text)
     except Exception:  # an unknown spelling: let the values decide
         return None

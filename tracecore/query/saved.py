@@ -43,6 +43,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tracecore.appctx import settings_of
+from tracecore.data.datasets import views_for_capability, views_for_user
 from tracecore.db.engine import Base, created_at, db, libpq_url, uuid_pk
 from tracecore.exceptions import Conflict, NotFound, ValidationError
 from tracecore.execution.tokens import Capability
@@ -172,16 +173,12 @@ def audit_pii(result: query.QueryResult, *, org_id: uuid.UUID, actor_id: uuid.UU
 
 
 def user_views(org_id: uuid.UUID, user_id: uuid.UUID) -> list[query.DatasetViewLike]:
-    """What a user may query: the datasets contract (imported here, where it is needed)."""
-    from tracecore.data.datasets import views_for_user
-
+    """What a user may query: the datasets contract."""
     return list(views_for_user(org_id, user_id))
 
 
 def task_views(capability: Capability) -> list[query.DatasetViewLike]:
     """Exactly the token's pinned inputs."""
-    from tracecore.data.datasets import views_for_capability
-
     return list(views_for_capability(capability))
 
 

@@ -22,6 +22,8 @@ def backend_for(settings: Settings) -> SandboxBackend:
 
 
 def _build(name: str, settings: Settings) -> SandboxBackend:
+    # Deliberate lazy loads: only the chosen backend's client library is imported (the docker SDK,
+    # boto3), and a host without Docker still runs the process backend.
     if name == "docker":
         from .docker import DockerBackend
 
