@@ -16,10 +16,8 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 
-from flask import current_app
 from sqlalchemy import text
 
-from tracecore.appctx import settings_of
 from tracecore.dags.catalog import Job
 from tracecore.data.datasets import Dataset, views_for_condition
 from tracecore.data.publish import pinned_inputs
@@ -27,6 +25,7 @@ from tracecore.db.engine import db, libpq_url
 from tracecore.exceptions import TraceError, UserError
 from tracecore.infra.storage import object_store
 from tracecore.query import engine as query
+from tracecore.settings import current_settings
 
 _REMEMBERED = 2048
 _answers: OrderedDict[tuple[uuid.UUID, str, tuple[tuple[uuid.UUID, int | None], ...]], bool | str] = OrderedDict()
@@ -63,7 +62,7 @@ def holds(job: Job, sql: str) -> bool:
 
 
 def _evaluate(job: Job, sql: str, datasets: list[Dataset]) -> bool | str:
-    settings = settings_of(current_app)
+    settings = current_settings()
     saved_by = db.session.scalar(_SAVED_BY, {"dag_id": job.dag_id, "version": job.dag_version})
     try:
         views = views_for_condition(job.org_id, [d.id for d in datasets], saved_by)

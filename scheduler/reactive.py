@@ -38,10 +38,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from flask import current_app
 from sqlalchemy import func, or_, select, text
 
-from tracecore.appctx import settings_of
 from tracecore.dags.catalog import Job
 from tracecore.dags.trigger_spec import Batch
 from tracecore.data.datasets import Dataset
@@ -49,6 +47,7 @@ from tracecore.data.schema import parse_partition_key
 from tracecore.db.engine import db
 from tracecore.exceptions import NotFound, ValidationError
 from tracecore.execution.runs import Run, Task
+from tracecore.settings import current_settings
 
 from . import conditions
 from .composite import condition_tree_holds
@@ -107,7 +106,7 @@ def pending(job: Job, dataset_ids: Sequence[uuid.UUID], now: datetime, *, most: 
     the job existed (and within ``TRACE_TRIGGER_LOOKBACK``)."""
     if not dataset_ids:
         return []
-    lookback = timedelta(seconds=settings_of(current_app).trigger_lookback)
+    lookback = timedelta(seconds=current_settings().trigger_lookback)
     rows = db.session.execute(_PENDING, {
         "dataset_ids": list(dataset_ids), "floor": max(job.created_at, now - lookback), "job_id": job.id,
         "only_dataset": only[0] if only else None, "only_version": only[1] if only else None, "most": most})

@@ -3,15 +3,26 @@
 Each setting is read from the environment variable ``TRACE_<NAME>``. docs/settings.md is
 generated from this module (``trace settings --markdown``; a unit test checks it is current),
 so this is the only place a setting is documented.
+
+One way to read them: :func:`current_settings`. Inside a Flask app context (requests, Celery
+tasks, beat) it answers that app's settings; given an ``app`` (threads outside any context, such
+as the dispatcher's heartbeat) that app's; outside any app (the CLI, process bootstrap) the
+process's, read once from the environment or set by :func:`configure`. An app holds its
+settings under ``app.config[SETTINGS_KEY]``, put there once by ``tracecore.appctx.create_base_app``;
+nothing else reads that key.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def _setting(default: Any, doc: str) -> Any:
@@ -176,11 +187,25 @@ class Settings:
                 for spec in fields(cls)]
 
 
+# Where a Flask app holds its settings (app.config); read only by current_settings().
+SETTINGS_KEY = "TRACE_SETTINGS"
+
 _current: Settings | None = None
 
 
-def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
+def current_settings(app: Flask | None = None) -> Settings:
+    """The settings in force: ``app``'s, else the current Flask app's, else the process's.
+
+    Per app rather than per process because one process may hold several apps (the tests'
+    per-test apps, each with its own home and timings).
+    """
+    # No app context can exist before Flask is loaded, and the CLI's client commands never load it.
+    flask = sys.modules.get("flask")
+    if app is None and flask is not None and flask.has_app_context():
+        app = flask.current_app
+    if app is not None:
+        settings: Settings = app.config[SETTINGS_KEY]
+        return settings
     global _current
     if _current is None:
         _current = Settings.from_env()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import current_app, g, request
+from flask import g, request
 
 from tracecore.exceptions import PermissionDenied, Unauthenticated
+from tracecore.settings import current_settings
 from tracecore.tenancy.orgs import Principal, Role, authenticate
 
 PUBLIC_ENDPOINTS = {"health.healthz", "api-docs.openapi_json", "static"}
@@ -20,7 +21,7 @@ def load_principal() -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("send Authorization: Bearer <api token>")
-    g.principal = authenticate(token.strip(), trust_for=current_app.config["TRACE_SETTINGS"].token_trust_seconds)
+    g.principal = authenticate(token.strip(), trust_for=current_settings().token_trust_seconds)
 
 
 def current(role: Role = Role.reader) -> Principal:

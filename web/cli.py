@@ -19,7 +19,7 @@ from typing import Any
 
 from tracecore.exceptions import TraceError
 from tracecore.infra import embedded
-from tracecore.settings import Settings, configure, get_settings
+from tracecore.settings import Settings, configure, current_settings
 
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = get_settings()
+        settings = current_settings()
         return args.func(args, settings)
     except CliError as exc:
         print(f"trace: {exc}", file=sys.stderr)

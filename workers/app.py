@@ -18,9 +18,9 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from flask import Flask
 
-from tracecore.appctx import create_base_app, settings_of
+from tracecore.appctx import create_base_app
 from tracecore.infra import embedded
-from tracecore.settings import configure, get_settings
+from tracecore.settings import configure, current_settings
 
 from . import messages
 
@@ -40,7 +40,7 @@ DATASET_UPDATED = "trace.dataset_updated"
 
 
 def make_celery(flask_app: Flask) -> Celery:
-    settings = settings_of(flask_app)
+    settings = current_settings(flask_app)
 
     class FlaskTask(Task):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -95,7 +95,7 @@ def dataset_updated(flask_app: Flask, dataset_id: uuid.UUID | str, version: int)
 def create_worker_app(include: Sequence[str] = ()) -> Celery:
     """The worker's Celery app with the worker's tasks and the task modules ``include`` names (the
     layers above add theirs by name: see scheduler/worker.py, the worker's composition root)."""
-    settings = configure(embedded.attach(get_settings()))
+    settings = configure(embedded.attach(current_settings()))
     flask_app = create_base_app(settings, name="trace-worker")
     celery = make_celery(flask_app)
     celery.conf.include = ["workers.tasks", *include]

@@ -19,13 +19,12 @@ from enum import StrEnum
 
 from flask import Flask
 
-from tracecore.appctx import settings_of
 from tracecore.events import emit, task_succeeded
 from tracecore.exceptions import PlatformError, StaleFence, TraceError, UserCodeError
 from tracecore.execution import lease as leases
 from tracecore.execution.operators import CATALOG
 from tracecore.execution.states import ExitReason, Refused
-from tracecore.settings import Settings
+from tracecore.settings import Settings, current_settings
 
 from .operators import AttemptFailed, OperatorContext, OperatorResult
 
@@ -66,7 +65,7 @@ class Heartbeat:
             self._leases.pop(lease.task_id, None)
 
     def _loop(self) -> None:
-        ttl = settings_of(self._app).lease_ttl
+        ttl = current_settings(self._app).lease_ttl
         stop = threading.Event()
         while not stop.wait(ttl / 3):
             with self._lock:
@@ -103,7 +102,7 @@ class Dispatched(StrEnum):
 
 def execute(app: Flask, task_id: str, enqueue: Callable[[str, float], None]) -> Dispatched:
     """Run one delivery of ``execute_task``."""
-    settings = settings_of(app)
+    settings = current_settings(app)
     held = leases.take(task_id, worker_name(), settings.lease_ttl, org_cap=settings.org_max_running)
     if held is Refused.OVER_CAPACITY:  # the task waits, never lost: deliver it again shortly
         enqueue(task_id, CAPACITY_COUNTDOWN * random.uniform(1, 2))

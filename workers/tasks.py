@@ -19,6 +19,7 @@ from tracecore.execution import dag_runs
 from tracecore.execution import lease as leases
 from tracecore.execution.runs import Run, Task
 from tracecore.execution.states import Gate
+from tracecore.settings import current_settings
 
 from . import dispatcher
 from .app import (
@@ -48,7 +49,7 @@ def execute_task(task_id: str) -> str:
 
 @shared_task(name=REAP_LEASES, ignore_result=True)
 def reap_leases() -> int:
-    settings = flask_app.config["TRACE_SETTINGS"]
+    settings = current_settings()
     task_ids = leases.reap(stale_after=settings.lease_ttl)
     in_dags = _tasks_of_dag_runs(task_ids)
     for task_id in task_ids:
@@ -87,13 +88,13 @@ def clock() -> list[float]:
 @shared_task(name=REAP_SANDBOXES, ignore_result=True)
 def reap_sandboxes() -> int:
     """Remove sandboxes whose worker died (SIGKILL leaves its container behind, and its work dir's tmpfs)."""
-    settings = flask_app.config["TRACE_SETTINGS"]
+    settings = current_settings()
     try:
         reap_work_dirs(settings.home_path / "sandboxes", settings.max_job_timeout + 300)
     except OSError:
         log.warning("sandbox reaper could not sweep work dirs", exc_info=True)
     try:
-        return backend_for(flask_app.config["TRACE_SETTINGS"]).reap_orphans()
+        return backend_for(current_settings()).reap_orphans()
     except Exception:  # no engine here (yet): nothing to reap; the next beat tries again
         log.warning("sandbox reaper could not run", exc_info=True)
         return 0
@@ -104,4 +105,4 @@ def buffer_publish(claims_token: str, manifest: dict) -> dict:
     """Publish a batch artifact on behalf of the task the capability token names (its fence
     checked like the gateway's): for publishers with a broker but no gateway socket. Answers the
     route's JSON with ``status`` inside; a refusal (409, 422 ...) is an answer, not a retry."""
-    return publish_with_token(claims_token, manifest, flask_app.config["TRACE_SETTINGS"])
+    return publish_with_token(claims_token, manifest, current_settings())

@@ -14,7 +14,6 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from flask import current_app
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -34,13 +33,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tracecore.appctx import settings_of
 from tracecore.dags.bounds import bounds
 from tracecore.dags.spec import DagSpec, default_output_datasets, parse_dag
 from tracecore.data import datasets
 from tracecore.db.engine import Base, created_at, db, uuid_pk
 from tracecore.exceptions import Conflict, NotFound, ValidationError
 from tracecore.execution import bundles, operators
+from tracecore.settings import current_settings
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 
@@ -122,7 +121,7 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
         return operators.PLATFORM_SOURCES.get(job_name)
 
     spec = parse_dag(body, content_type=content_type, external_outputs=external_outputs,
-                     operators=operators.CATALOG, limits=bounds(settings_of(current_app)))
+                     operators=operators.CATALOG, limits=bounds(current_settings()))
     _check_bundles(org_id, spec)
     for index, job in enumerate(spec.jobs):
         if job.name in other_jobs:

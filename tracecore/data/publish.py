@@ -47,7 +47,6 @@ from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, Uuid, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tracecore.appctx import settings_of
 from tracecore.dags.catalog import Job
 from tracecore.dags.spec import default_output_datasets
 from tracecore.data import datasets
@@ -62,7 +61,7 @@ from tracecore.execution import lease, operators
 from tracecore.execution.redaction import redact, redact_value
 from tracecore.execution.tokens import Capability, secret_key
 from tracecore.infra.storage import ObjectStore, check_key, object_store
-from tracecore.settings import Settings
+from tracecore.settings import Settings, current_settings
 from tracecore.taskapi.calls import authenticate_token, register
 
 STRATEGIES = ("append", "replace", "upsert")
@@ -557,7 +556,7 @@ def pinned_inputs(org_id: uuid.UUID, job_spec: Mapping[str, Any]) -> list[dict[s
 @register("POST", "/v1/task/buffer-publish")
 def publish_route(capability: Capability, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """``POST /v1/task/buffer-publish``: ``{"manifest": {...}}`` or ``{"rows": [...], "dataset": name}``."""
-    store = object_store(settings_of(current_app))
+    store = object_store(current_settings())
     if "manifest" in body:
         return 200, buffer_publish(capability, body["manifest"], store=store).to_json()
     if "rows" in body:

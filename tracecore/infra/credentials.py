@@ -53,15 +53,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from flask import current_app
-
-from tracecore.appctx import settings_of
 from tracecore.db.engine import db
 from tracecore.exceptions import PermissionDenied, PlatformError, UserError
 from tracecore.execution import lease
 from tracecore.execution.tokens import Capability
 from tracecore.infra.storage import S3ObjectStore, aws_client, check_key, object_store
-from tracecore.settings import Settings
+from tracecore.settings import Settings, current_settings
 from tracecore.taskapi.calls import MAX_BODY_BYTES, RawRequest, register, register_prefix
 
 log = logging.getLogger(__name__)
@@ -252,7 +249,7 @@ def s3_credentials(settings: Settings, store: S3ObjectStore, capability: Capabil
 @register("POST", "/v1/task/credentials")
 def credentials(capability: Capability, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Exchange the token for access to its prefixes: STS credentials (S3) or the gateway's object routes."""
-    settings = settings_of(current_app)
+    settings = current_settings()
     store = object_store(settings)
     prefixes = prefixes_of(capability)
     _assert_fence(capability)
@@ -305,7 +302,7 @@ def get_object(capability: Capability, request: RawRequest) -> tuple[int, dict[s
     key = _object_key(request.rest)
     _require_under(key, prefixes_of(capability).readable, "read")
     offset, length = _range(request.query)
-    with object_store(settings_of(current_app)).open_read(key) as handle:  # NotFound: 404
+    with object_store(current_settings()).open_read(key) as handle:  # NotFound: 404
         if handle.seekable():
             handle.seek(offset)
         else:
@@ -326,7 +323,7 @@ def put_object(capability: Capability, request: RawRequest) -> tuple[int, dict[s
     _require_under(key, prefixes_of(capability).writable, "write")
     _assert_fence(capability)
     try:
-        object_store(settings_of(current_app)).put(key, request.body)
+        object_store(current_settings()).put(key, request.body)
     finally:
         db.session.rollback()  # the share lock kept the lease from moving during the write
     return 201, {"key": key, "size": len(request.body), "sha256": hashlib.sha256(request.body).hexdigest()}

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from flask import current_app
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -42,7 +41,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tracecore.appctx import settings_of
 from tracecore.data.datasets import views_for_capability, views_for_user
 from tracecore.db.engine import Base, created_at, db, libpq_url, uuid_pk
 from tracecore.exceptions import Conflict, NotFound, ValidationError
@@ -50,7 +48,7 @@ from tracecore.execution.tokens import Capability
 from tracecore.infra.storage import ObjectStore, object_store
 from tracecore.query import engine as query
 from tracecore.query.policy import MAX_SQL_CHARS
-from tracecore.settings import Settings
+from tracecore.settings import Settings, current_settings
 from tracecore.taskapi.calls import register
 from tracecore.tenancy import audit
 
@@ -196,7 +194,7 @@ def user_query(org_id: uuid.UUID, user_id: uuid.UUID, body: dict[str, Any], sett
 @register("POST", "/v1/task/query")
 def task_query(capability: Capability, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """``POST /v1/task/query``: the token's inputs at their pinned versions, the same engine and audit."""
-    settings = settings_of(current_app)
+    settings = current_settings()
     sql, limit, fmt = parse_request(body)
     views = task_views(capability)
     db.session.rollback()

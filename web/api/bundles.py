@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from flask import current_app, request
+from flask import request
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from tracecore.appctx import settings_of
 from tracecore.db.engine import db
 from tracecore.exceptions import UserError, ValidationError
 from tracecore.execution import bundles
 from tracecore.infra.storage import object_store
+from tracecore.settings import current_settings
 from tracecore.tenancy import audit
 from tracecore.tenancy.orgs import Role
 
@@ -86,7 +86,7 @@ def upload_bundle() -> ResponseReturnValue:
     principal = current(Role.writer)
     data, runtime, handler = _form()
     bundle = bundles.save_bundle(principal.org_id, data, runtime, handler, user_id=principal.user_id,
-                                 store=object_store(settings_of(current_app)))
+                                 store=object_store(current_settings()))
     audit.record(org_id=principal.org_id, actor_id=principal.user_id, action="bundle.upload", object_type="bundle",
                  object_id=bundle.id, sha256=bundle.sha256, runtime=runtime, handler=handler, new=bundle.is_new)
     db.session.commit()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import redis
-from flask import current_app
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from tracecore.db.engine import db
+from tracecore.settings import current_settings
 
 from . import Blueprint
 
@@ -34,6 +34,6 @@ def healthz() -> ResponseReturnValue:
         checks["database"] = db.session.execute(text("SELECT 1")).scalar() == 1
     except Exception:  # any failure of the database is a failed check, not a crash
         db.session.rollback()
-    checks["broker"] = _broker_ok(current_app.config["TRACE_SETTINGS"].broker_url)
+    checks["broker"] = _broker_ok(current_settings().broker_url)
     ok = all(checks.values())
     return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503

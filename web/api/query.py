@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from flask import Response, current_app, stream_with_context
+from flask import Response, stream_with_context
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 
-from tracecore.appctx import settings_of
 from tracecore.db.engine import db
 from tracecore.infra.storage import object_store
 from tracecore.query import saved as saved_queries
 from tracecore.query.policy import MAX_SQL_CHARS
+from tracecore.settings import current_settings
 
 from ..auth import current
 from . import INT32_MAX, Blueprint
@@ -83,7 +83,7 @@ def run_query(body: dict) -> ResponseReturnValue:
     message: syntax, unknown table or column), 408 ``query_timeout``, 422 ``query_resource_limit``.
     Reading a PII dataset is audited (``dataset.read_pii``)."""
     principal = current()
-    return saved_queries.user_query(principal.org_id, principal.user_id, body, settings_of(current_app))
+    return saved_queries.user_query(principal.org_id, principal.user_id, body, current_settings())
 
 
 @blp.route("/saved-queries", methods=["POST"])
@@ -116,7 +116,7 @@ def get_download(download_id: str) -> ResponseReturnValue:
     principal = current()
     download = saved_queries.get_download(principal.org_id, download_id)
     name, media, size = f"{download.id}.{download.format}", saved_queries.MEDIA_TYPES[download.format], download.bytes
-    handle = object_store(settings_of(current_app)).open_read(download.key)
+    handle = object_store(current_settings()).open_read(download.key)
     db.session.rollback()  # nothing held open while the file streams
 
     def chunks() -> Iterator[bytes]:

@@ -12,6 +12,7 @@ from tracecore.db.engine import db, libpq_url
 from tracecore.execution import runs
 from tracecore.execution.lease import RUN_FINISHED_CHANNEL
 from tracecore.execution.runs import RUN_TRANSITIONS, TERMINAL_RUN_STATES
+from tracecore.settings import current_settings
 from tracecore.tenancy.orgs import Role
 from workers.app import enqueue
 
@@ -154,7 +155,7 @@ def get_run(query: dict, run_id: str) -> ResponseReturnValue:
     headers: dict[str, str] = {}
     if run.state not in TERMINAL_RUN_STATES and query["wait"] > 0:
         db.session.rollback()  # no transaction held open while waiting
-        caps = WaitCaps.of(current_app.config["TRACE_SETTINGS"])
+        caps = WaitCaps.of(current_settings())
         with SLOTS.hold(caps, principal.org_id, principal.user_id) as held:
             if held:
                 _wait_for_finish(str(run.id), query["wait"])
@@ -168,7 +169,7 @@ def _wait_for_finish(run_id: str, seconds: float) -> None:
 
     LISTEN first, then re-check the row: a run that finished in between is not missed.
     """
-    url = libpq_url(current_app.config["TRACE_SETTINGS"].database_url)
+    url = libpq_url(current_settings().database_url)
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(f"LISTEN {RUN_FINISHED_CHANNEL}")
         finished = connection.execute("SELECT finished_at IS NOT NULL FROM runs WHERE id = %s", (run_id,)).fetchone()

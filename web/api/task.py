@@ -9,11 +9,11 @@ sent here is refused (it is not a capability).
 
 from __future__ import annotations
 
-from flask import current_app, jsonify, request
+from flask import jsonify, request
 from flask.typing import ResponseReturnValue
 
-from tracecore.appctx import settings_of
 from tracecore.execution import tokens
+from tracecore.settings import current_settings
 from tracecore.taskapi import calls as task_api
 
 from . import Blueprint
@@ -36,7 +36,7 @@ def task_call(rest: str) -> ResponseReturnValue:
     body = request.stream.read(limit + 1)
     if len(body) > limit:  # a chunked body has no Content-Length to check first
         return _answer(413, task_api.error_body("payload_too_large", f"the body exceeds {limit} bytes"))
-    secret = tokens.secret_key(settings_of(current_app))
+    secret = tokens.secret_key(current_settings())
     status, payload = task_api.dispatch(request.method, request.path, request.headers, body, secret)
     return _answer(status, payload)
 

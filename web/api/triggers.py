@@ -21,6 +21,7 @@ from tracecore.dags.catalog import Job, get_job
 from tracecore.db.engine import db
 from tracecore.exceptions import NotFound
 from tracecore.execution import runs
+from tracecore.settings import current_settings
 from tracecore.tenancy.orgs import Role
 from workers.app import enqueue
 
@@ -66,7 +67,7 @@ class FiringQuery(Schema):
 def _redis() -> redis.Redis:
     client = current_app.extensions.get("trace_redis")
     if client is None:
-        client = redis.Redis.from_url(current_app.config["TRACE_SETTINGS"].broker_url)
+        client = redis.Redis.from_url(current_settings().broker_url)
         current_app.extensions["trace_redis"] = client
     return client
 
@@ -87,7 +88,7 @@ def rate_limited_runs(view: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         current(Role.writer)
         try:
-            return view(*args, rate=runs.RateLimit.of(current_app.config["TRACE_SETTINGS"]), **kwargs)
+            return view(*args, rate=runs.RateLimit.of(current_settings()), **kwargs)
         except runs.RateLimited as exc:
             return rate_limit_response(exc)
 
@@ -135,7 +136,7 @@ def list_firings(query: dict, name: str) -> ResponseReturnValue:
 @blp.response(201, WebhookCreated)
 def create_webhook(name: str) -> ResponseReturnValue:
     principal = current(Role.writer)
-    trigger, secret = triggers.create_webhook(current_app.config["TRACE_SETTINGS"], principal.org_id, name,
+    trigger, secret = triggers.create_webhook(current_settings(), principal.org_id, name,
                                               principal.user_id)
     db.session.commit()
     return {"id": trigger.id, "job": name, "secret": secret, "url": f"/v1/hooks/{trigger.id}"}
@@ -146,7 +147,7 @@ def create_webhook(name: str) -> ResponseReturnValue:
 @blp.doc(security=[], description="Signed with X-Trace-Timestamp and X-Trace-Signature "
                                   "(sha256=<hex HMAC-SHA256(secret, timestamp + '.' + body)>); no bearer token.")
 def receive_hook(trigger_id: str) -> ResponseReturnValue:
-    settings = current_app.config["TRACE_SETTINGS"]
+    settings = current_settings()
     trigger = triggers.get_webhook(trigger_id)
     body = request.get_data(cache=True)
     triggers.verify_webhook(settings, trigger, request.headers.get("X-Trace-Timestamp"),

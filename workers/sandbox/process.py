@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from tracecore.exceptions import PlatformError
+from tracecore.settings import current_settings
 
 from . import CappedLog, Invocation, Outcome
 from .outcome import outcome, pid_alive, prepare_work_dir, read_result_file, work_area
@@ -319,9 +320,7 @@ class ProcessBackend:
     def _pid_dirs(self) -> list[Path]:
         parents = set(self._state_dirs)
         try:
-            from tracecore.settings import get_settings
-
-            parents.add(get_settings().home_path / "sandboxes")  # where the udf operator makes work dirs
+            parents.add(current_settings().home_path / "sandboxes")  # where the udf operator makes work dirs
         except Exception as exc:  # settings that do not parse must not stop the reaper
             log.debug("process sandbox: no default sandboxes dir: %s", exc)
         return [parent / PID_DIR for parent in sorted(parents) if (parent / PID_DIR).is_dir()]
