@@ -1,7 +1,7 @@
 """Runs, tasks and attempts, and the one state machine they follow.
 
 A Run is one triggering of a job (or a DAG); its Tasks are the units that get leased;
-each lease of a task is an Attempt. The transitions below are the only ones allowed:
+each lease of a task is an Attempt. The transitions of ``states.py`` are the only ones allowed:
 PostgreSQL triggers compiled from them (``all_transition_triggers_sql``) stop a buggy or
 stale writer in the database, not only in this module. The first migration holds that SQL
 frozen as it was then; a change to the transitions needs a new migration that replaces the
@@ -36,44 +36,21 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from tracecore.db.engine import Base, batches, created_at, db, execute_one, uuid_pk
 from tracecore.exceptions import NotFound, TraceError, ValidationError
-from tracecore.execution.states import AttemptState, RunState, TaskState, quoted
+from tracecore.execution import sql
+from tracecore.execution.sql import CREATION_LOCK as CREATION_LOCK
+from tracecore.execution.states import (
+    ATTEMPT_TRANSITIONS,
+    RUN_TRANSITIONS,
+    TASK_TRANSITIONS,
+    TERMINAL_RUN_STATES,
+    TERMINAL_TASK_STATES,
+    quoted,
+)
 from tracecore.settings import Settings
 
 RUN_CAUSES = ("schedule", "webhook", "data", "dependency", "composite", "manual", "rerun", "refresh", "idle")
 
-R, T, A = RunState, TaskState, AttemptState
-RUN_TRANSITIONS: dict[RunState, tuple[RunState, ...]] = {
-    R.QUEUED: (R.RUNNING, R.SUCCEEDED, R.FAILED, R.CANCELED),
-    R.RUNNING: (R.SUCCEEDED, R.FAILED, R.CANCELED),
-    R.SUCCEEDED: (),
-    R.FAILED: (),
-    R.CANCELED: (),
-}
-
-TASK_TRANSITIONS: dict[TaskState, tuple[TaskState, ...]] = {
-    T.QUEUED: (T.RUNNING, T.CANCELED),
-    # running -> running: another worker took over an expired lease (fence + 1).
-    # running -> queued: the reaper hands an expired lease back to the queue.
-    T.RUNNING: (T.RUNNING, T.QUEUED, T.RETRYING, T.SUCCEEDED, T.DEAD_LETTER, T.CANCELED),
-    T.RETRYING: (T.RUNNING, T.CANCELED),
-    T.SUCCEEDED: (),
-    T.DEAD_LETTER: (),
-    T.CANCELED: (),
-}
-
-ATTEMPT_TRANSITIONS: dict[AttemptState, tuple[AttemptState, ...]] = {
-    A.RUNNING: (A.SUCCEEDED, A.FAILED, A.FENCED, A.LOST),
-    # A lost attempt (its worker seemed dead) that later tries to write is fenced.
-    A.LOST: (A.FENCED,),
-    A.SUCCEEDED: (),
-    A.FAILED: (),
-    A.FENCED: (),
-}
-del R, T, A
 _S = TypeVar("_S", bound=str)
-
-TERMINAL_TASK_STATES = tuple(state for state, nexts in TASK_TRANSITIONS.items() if not nexts)
-TERMINAL_RUN_STATES = tuple(state for state, nexts in RUN_TRANSITIONS.items() if not nexts)
 
 
 def _in(column: str, values: tuple[str, ...] | list[str]) -> str:
@@ -254,49 +231,6 @@ def attempts_of(task_ids: list[uuid.UUID]) -> list[Attempt]:
                                    .order_by(Attempt.task_id, Attempt.number)))
 
 
-_RUN_AND_TASK = """
-run AS (
-  INSERT INTO runs (id, org_id, job_id, dag_id, cause, triggered_by, parameters, config_overrides, state,
-                    open_tasks, failed_tasks)
-  SELECT :run_id, :org_id, job.id, :dag_id, :cause, :triggered_by, CAST(:parameters AS jsonb),
-         CAST(:config_overrides AS jsonb), 'queued', 1, 0 FROM job
-  WHERE {admitted}
-  RETURNING id
-), task AS (
-  INSERT INTO tasks (id, org_id, run_id, job_id, partition_key, "window", state, fence, attempts_count,
-                     max_retries)
-  SELECT :task_id, :org_id, run.id, job.id, '', CAST(:window AS jsonb), 'queued', 0, 0, job.max_retries
-  FROM run, job
-  RETURNING id
-)"""
-_JOB_COLUMNS = "id, coalesce((spec->>'max_retries')::int, 3) AS max_retries"
-_JOB = f"""job AS (
-  SELECT {_JOB_COLUMNS} FROM jobs WHERE org_id = :org_id AND name = :job_name AND deleted_at IS NULL
-)"""
-# The org's count of API-triggered runs in the current fixed window (by the database's clock),
-# upserted under the row's lock: two API processes cannot both admit the last run of a window.
-_RATE = """rate AS (
-  INSERT INTO org_run_rate AS counted (org_id, window_index, runs)
-  VALUES (:org_id, floor(extract(epoch FROM now()) / :rate_window), 1)
-  ON CONFLICT (org_id) DO UPDATE
-    SET runs = CASE WHEN counted.window_index = EXCLUDED.window_index THEN counted.runs + 1 ELSE 1 END,
-        window_index = EXCLUDED.window_index
-  RETURNING runs, CAST(ceil((window_index + 1) * :rate_window - extract(epoch FROM now())) AS integer)
-            AS retry_after
-)"""
-_CREATE_RUN = text(f"WITH {_JOB}, {_RUN_AND_TASK.format(admitted='true')} SELECT id FROM task")
-
-# Held by the transaction that creates a task when it enqueues the task before committing
-# (create_enqueued_run); a worker that finds no such task waits on it, then looks again
-# (tracecore/execution/lease.py). Transaction-scoped: the commit or the rollback releases it.
-CREATION_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(CAST(:task_id AS text), 11))")
-_ADMIT = text(f"WITH {_RATE}, {_JOB} SELECT rate.runs, rate.retry_after, (SELECT id FROM job) AS job_id FROM rate")
-_INSERT_ADMITTED = text(f"""WITH job AS (
-  SELECT {_JOB_COLUMNS} FROM jobs WHERE id = :job_id AND deleted_at IS NULL
-), {_RUN_AND_TASK.format(admitted='true')} SELECT id FROM task""")
-_COUNT_RUN = text(f"WITH {_RATE} SELECT runs, retry_after FROM rate")
-
-
 class RateLimited(TraceError):
     """Past the org's limit of API-triggered runs (TRACE_RUN_RATE_LIMIT per TRACE_RUN_RATE_WINDOW)."""
 
@@ -331,7 +265,7 @@ class RateLimit:
 def count_api_run(org_id: uuid.UUID, rate: RateLimit) -> None:
     """Count one API-triggered run that is not a single-job run (a DAG run, a re-run, a webhook's);
     raise RateLimited past the limit. Its own statement: the caller's transaction holds no row lock."""
-    row = execute_one(_COUNT_RUN, {"org_id": org_id, **rate.params()})
+    row = execute_one(sql.COUNT_RUN, {"org_id": org_id, **rate.params()})
     assert row is not None
     rate.check(row)
 
@@ -356,7 +290,7 @@ def create_run(*, org_id: uuid.UUID, job_name: str, cause: str, triggered_by: uu
     run_id, task_id = uuid.uuid4(), uuid.uuid4()
     params = _run_params(run_id, task_id, org_id=org_id, job_name=job_name, cause=cause, triggered_by=triggered_by,
                          parameters=parameters, config_overrides=config_overrides, window=window, dag_id=dag_id)
-    if db.session.execute(_CREATE_RUN, params).first() is None:
+    if db.session.execute(sql.CREATE_RUN, params).first() is None:
         raise NotFound(f"no job named {job_name!r}")
     return run_id, task_id
 
@@ -381,13 +315,13 @@ def create_enqueued_run(*, org_id: uuid.UUID, job_name: str, cause: str, trigger
                             triggered_by=triggered_by, parameters=parameters, config_overrides=config_overrides,
                             window=None, dag_id=None), **rate.params()}
     with batches() as transaction:
-        admitted = transaction.send(CREATION_LOCK, _ADMIT, params=params)
+        admitted = transaction.send(sql.CREATION_LOCK, sql.ADMIT, params=params)
         assert admitted is not None
         if admitted["runs"] > rate.limit or admitted["job_id"] is None:
             transaction.commit(params=params)  # a refused trigger counts too, as in count_api_run
             rate.check(admitted)
             raise NotFound(f"no job named {job_name!r}")
         enqueue(task_id)
-        if transaction.commit(_INSERT_ADMITTED, params={**params, "job_id": admitted["job_id"]}) is None:
+        if transaction.commit(sql.INSERT_ADMITTED, params={**params, "job_id": admitted["job_id"]}) is None:
             raise NotFound(f"no job named {job_name!r}")  # deleted in between: the worker drops the message
     return run_id, task_id

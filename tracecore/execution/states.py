@@ -1,9 +1,10 @@
-"""Every state and outcome of execution, defined once as ``StrEnum``s.
+"""Every state and outcome of execution, defined once as ``StrEnum``s, and the state machine.
 
 A member *is* its string (``TaskState.SUCCEEDED == "succeeded"``), so it goes into SQL
 parameters, JSON and CHECK constraints unchanged, while code that branches on an outcome gets
-a closed set a type checker can follow. The transitions between states are in ``runs.py``; the
-SQL of the hot path spells the same strings (``sql.py``). Render one into SQL text with
+a closed set a type checker can follow. The transitions below are the only ones allowed
+(``runs.py`` compiles them into CHECK constraints and PostgreSQL triggers); the SQL of the hot
+path spells the same strings (``sql.py``). Render one into SQL text with
 :func:`quoted`, never with ``repr`` (an enum member's repr is not a SQL literal).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import StrEnum
+from typing import Literal
 
 
 class RunState(StrEnum):
@@ -64,6 +66,11 @@ class Refused(StrEnum):
     HELD = "held"  # another worker holds the task, it is done, or it never committed
     OVER_CAPACITY = "over_capacity"  # a cap is reached: deliver the task again shortly
 
+    def __bool__(self) -> Literal[False]:
+        """A refusal is falsy, so ``if held := take(...)`` reads "did I get the lease" (and a
+        type checker narrows it to ``Lease``)."""
+        return False
+
 
 class Gate(StrEnum):
     """Whether a task of a DAG run may be leased now (``dag_runs.gate``)."""
@@ -72,6 +79,42 @@ class Gate(StrEnum):
     WAIT = "wait"  # an upstream is still open
     BLOCKED = "blocked"  # an upstream dead-lettered or was canceled
     DONE = "done"  # the task is terminal already
+
+
+# --- the state machine ------------------------------------------------------------------------------------
+
+R, T, A = RunState, TaskState, AttemptState
+RUN_TRANSITIONS: dict[RunState, tuple[RunState, ...]] = {
+    R.QUEUED: (R.RUNNING, R.SUCCEEDED, R.FAILED, R.CANCELED),
+    R.RUNNING: (R.SUCCEEDED, R.FAILED, R.CANCELED),
+    R.SUCCEEDED: (),
+    R.FAILED: (),
+    R.CANCELED: (),
+}
+
+TASK_TRANSITIONS: dict[TaskState, tuple[TaskState, ...]] = {
+    T.QUEUED: (T.RUNNING, T.CANCELED),
+    # running -> running: another worker took over an expired lease (fence + 1).
+    # running -> queued: the reaper hands an expired lease back to the queue.
+    T.RUNNING: (T.RUNNING, T.QUEUED, T.RETRYING, T.SUCCEEDED, T.DEAD_LETTER, T.CANCELED),
+    T.RETRYING: (T.RUNNING, T.CANCELED),
+    T.SUCCEEDED: (),
+    T.DEAD_LETTER: (),
+    T.CANCELED: (),
+}
+
+ATTEMPT_TRANSITIONS: dict[AttemptState, tuple[AttemptState, ...]] = {
+    A.RUNNING: (A.SUCCEEDED, A.FAILED, A.FENCED, A.LOST),
+    # A lost attempt (its worker seemed dead) that later tries to write is fenced.
+    A.LOST: (A.FENCED,),
+    A.SUCCEEDED: (),
+    A.FAILED: (),
+    A.FENCED: (),
+}
+del R, T, A
+
+TERMINAL_TASK_STATES = tuple(state for state, nexts in TASK_TRANSITIONS.items() if not nexts)
+TERMINAL_RUN_STATES = tuple(state for state, nexts in RUN_TRANSITIONS.items() if not nexts)
 
 
 def quoted(values: Iterable[str]) -> str:
