@@ -9,7 +9,7 @@ any key (and, when ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` are in its en
 creates a ``mini`` user from them). The tests want signatures checked, so that a store that
 forgot its credentials fails here as it would on AWS: the server gets an explicit identities
 file (``-s3.config``, SeaweedFS's standard S3 config) with one access key and secret, and an
-environment without any ``AWS_*`` variable. ``test_storage_s3`` asserts that a wrong secret
+environment without any ``AWS_*`` variable. ``tests.integration.infra.test_storage`` asserts that a wrong secret
 and an unsigned request are refused.
 
 Ports: each service listens on a port ``p`` and its gRPC on ``p + 10000``. That offset is

@@ -37,8 +37,8 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant, leased_capability
-from tests.integration.test_gateway import call as gateway_call
-from tests.unit.test_bundles import PY, make_zip, member
+from tests.integration.workers.test_gateway import call as gateway_call
+from tests.unit.execution.test_bundles import PY, make_zip, member
 from tracecore.appctx import settings_of
 from tracecore.dags import triggers
 from tracecore.execution import tokens

@@ -35,7 +35,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
 from tests.conftest import Processes, Tenant, wait_for
-from tests.integration.test_gateway import call
+from tests.integration.workers.test_gateway import call
 from tracecore.appctx import settings_of
 from tracecore.data import publish
 from tracecore.db.engine import db

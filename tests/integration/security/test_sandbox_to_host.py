@@ -199,8 +199,8 @@ def backend(request: pytest.FixtureRequest) -> Any:
 
         return DockerBackend(remove_in_background=False)
     if shutil.which("bwrap") is None:
-        pytest.fail("bubblewrap is missing: apt-get install bubblewrap (tests/integration/test_sandbox_process.py "
-                    "installs it when run as root)")
+        pytest.fail("bubblewrap is missing: apt-get install bubblewrap "
+                    "(tests/integration/workers/sandbox/test_process.py installs it when run as root)")
     from workers.sandbox.process import ProcessBackend
 
     return ProcessBackend()

@@ -25,7 +25,7 @@ from sqlalchemy import func, select, update
 from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
-from tests.unit.test_bundles import PY, make_zip
+from tests.unit.execution.test_bundles import PY, make_zip
 from tracecore.db.engine import db
 from tracecore.exceptions import Conflict
 from tracecore.tenancy import orgs

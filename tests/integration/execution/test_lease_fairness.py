@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 
 import tests.conftest as conftest
 from tests.conftest import Processes, Tenant, wait_for
-from tests.integration.test_execution import NOOP, ping_workers, put_dag, read_run, trigger
+from tests.integration.workers.test_dispatcher import NOOP, ping_workers, put_dag, read_run, trigger
 from tracecore.dags.spec import JobSpec
 from tracecore.db.engine import db, sqlalchemy_url
 from tracecore.settings import Settings, configure
@@ -149,7 +149,7 @@ def test_a_busy_org_at_its_cap_does_not_starve_another_org(
 
 def test_a_dag_run_over_the_org_cap_waits_and_finishes(
         app, client: FlaskClient, tenant: Tenant, processes: Processes, settings: Settings, capped: None) -> None:
-    from tests.integration.test_dag_runs import job, start_dag
+    from tests.integration.execution.test_dag_runs import job, start_dag
 
     roots = [f"r{i}" for i in range(6)]
     put_dag(client, tenant, "wide", "".join(job(name) for name in roots) + job("sink", upstream=tuple(roots)))

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tests.unit.test_dag_spec import parse
+from tests.unit.dags.test_spec import parse
 from tracecore.dags.spec import DagSpec
 from tracecore.execution.dag_runs import MAX_NESTING, Parallel, Series, Shape, shape
 

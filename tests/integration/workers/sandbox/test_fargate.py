@@ -49,7 +49,7 @@ from workers.sandbox.outcome import RESULT_MARKER, decide
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 TOKEN = "cap-token-fargate-0123456789abcdef"

@@ -7,8 +7,8 @@ from typing import Any
 from flask.testing import FlaskClient
 
 from tests.conftest import Processes, Tenant
-from tests.integration.test_dag_runs import DIAMOND, by_job, job, start_dag
-from tests.integration.test_execution import put_dag, trigger, wait_run
+from tests.integration.execution.test_dag_runs import DIAMOND, by_job, job, start_dag
+from tests.integration.workers.test_dispatcher import put_dag, trigger, wait_run
 
 
 def rerun(client: FlaskClient, tenant: Tenant, run_id: str, scope: str, job_name: str | None = None,

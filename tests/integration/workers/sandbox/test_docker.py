@@ -38,7 +38,7 @@ from workers.sandbox.docker import LABEL, DockerBackend
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "bundles"
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "bundles"
 CACHE = Path("/tmp/trace-test-cache")
 AWSLAMBDARIC_VERSION = "4.2.2"
 TEST_LABEL = "org.trace.test"

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
-from tests.integration.test_bundles_api import upload
+from tests.integration.web.api.test_bundles import upload
 from tracecore.dags import catalog as dags
 from tracecore.db.engine import db
 from tracecore.tenancy.audit import AuditLog

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-RUNTIME_DIR = Path(__file__).resolve().parents[2] / "workers" / "runtime"
-FIXTURES = Path(__file__).resolve().parent / "runtime_fixtures"
+RUNTIME_DIR = Path(__file__).resolve().parents[4] / "workers" / "runtime"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NODE = shutil.which("node") or "/usr/bin/node"
 TOKEN = "cap-token-for-tests"
 RESULT_KEYS = {"status", "response", "error", "duration_ms", "exit_code", "peak_memory_bytes"}
@@ -427,7 +427,7 @@ def test_python_runtime_process_is_a_fresh_one(run_wrapper: Callable[..., Outcom
 
 
 def fixture_bundle(name: str, tmp_path: Path) -> Path:
-    """A copy of a bundle under runtime_fixtures/, with its bootstrap executable (as unzipping would make it)."""
+    """A copy of a bundle under fixtures/, with its bootstrap executable (as unzipping would make it)."""
     root = Path(shutil.copytree(FIXTURES / name, tmp_path / name))
     (root / "bootstrap").chmod(0o755)
     return root
@@ -572,7 +572,7 @@ def test_awslambdaric_runs_unmodified(run_wrapper: Callable[..., Outcome], awsla
 
 @pytest.fixture
 def gateway() -> Iterator[Any]:
-    """The stand-in gateway (runtime_fixtures/gateway_stub.py) on a short-path unix socket (108-byte cap)."""
+    """The stand-in gateway (fixtures/gateway_stub.py) on a short-path unix socket (108-byte cap)."""
     folder = tempfile.mkdtemp(prefix="gw-", dir="/tmp")
     stub = load_module(FIXTURES / "gateway_stub.py").GatewayStub(f"{folder}/gateway.sock", TOKEN).start()
     try:

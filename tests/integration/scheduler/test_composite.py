@@ -150,7 +150,7 @@ def test_a_nested_tree_fires_once_per_round(app: Flask, client: FlaskClient, ten
 def test_a_when_node_joins_a_tree_through_the_query_service(app: Flask, client: FlaskClient, tenant: Tenant,
                                                             processes: Processes, monkeypatch: Any) -> None:
     import workers.app
-    from tests.integration.test_data_triggers import EMIT, READS_EMITTED, _publish
+    from tests.integration.scheduler.test_reactive_batched import EMIT, READS_EMITTED, _publish
 
     monkeypatch.setattr(workers.app, "dataset_updated", lambda *args: None)  # the hook is called below
 

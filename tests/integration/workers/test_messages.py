@@ -19,7 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import Processes, Tenant, wait_for
-from tests.integration.test_execution import NOOP, put_dag, read_run, trigger
+from tests.integration.workers.test_dispatcher import NOOP, put_dag, read_run, trigger
 from tracecore.settings import Settings
 from workers import messages
 from workers.app import EXECUTE_TASK

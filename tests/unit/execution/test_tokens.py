@@ -22,7 +22,7 @@ from tracecore.execution.lease import Lease
 from tracecore.execution.tokens import Capability
 from tracecore.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SECRET = b"k" * 32
 NOW = 1_700_000_000
 

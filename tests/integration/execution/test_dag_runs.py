@@ -9,7 +9,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from tests.conftest import Processes, Tenant
-from tests.integration.test_execution import put_dag, wait_run, when
+from tests.integration.workers.test_dispatcher import put_dag, wait_run, when
 from tracecore.db.engine import db
 from tracecore.settings import Settings, configure
 

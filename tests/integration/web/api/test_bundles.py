@@ -14,7 +14,7 @@ from sqlalchemy import select
 from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
-from tests.unit.test_bundles import PY, link, make_zip, member
+from tests.unit.execution.test_bundles import PY, link, make_zip, member
 from tracecore.appctx import settings_of
 from tracecore.db.engine import db
 from tracecore.execution import bundles
