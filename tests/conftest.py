@@ -255,7 +255,7 @@ def leased_capability(app: Flask, org_id: uuid.UUID, job: str) -> Any:
     _, task_id = runs.create_run(org_id=org_id, job_name=job, cause="manual", triggered_by=None)
     db.session.commit()
     held = lease.take(task_id, "test-worker", 60.0)
-    assert held is not None
+    assert isinstance(held, lease.Lease)
     inputs = publish.pinned_inputs(held.org_id, held.job_spec)
     db.session.rollback()
     return tokens.for_lease(held, settings_of(app), inputs=inputs)

@@ -76,7 +76,7 @@ def test_a_second_take_gets_nothing_while_the_lease_is_live(make_task: Callable[
     assert first is not None and first.fence == 1 and first.attempt_number == 1
     assert first.job_name == "job0" and first.operator == "noop"
 
-    assert lease.take(task_id, "worker-b", 60) is None
+    assert lease.take(task_id, "worker-b", 60) is lease.Refused.HELD
 
     task = task_row(task_id)
     assert (task.state, task.fence, task.lease_owner, task.attempts_count) == ("running", 1, "worker-a", 1)
@@ -159,7 +159,7 @@ def test_renew_keeps_a_lease_alive_past_its_first_expiry(make_task: Callable[...
         return bool(db.session.execute(text("SELECT clock_timestamp() > :t"), {"t": first_expiry}).scalar_one())
 
     wait_for(past_first_expiry, timeout=10, message="the clock to pass the first expiry")
-    assert lease.take(task_id, "worker-b", 60) is None
+    assert lease.take(task_id, "worker-b", 60) is lease.Refused.HELD
     lease.assert_current(task_id, held.fence)
     db.session.rollback()
     assert lease.succeed(held).run_state == "succeeded"
@@ -201,7 +201,7 @@ def test_fail_retries_until_max_retries_then_dead_letters(make_task: Callable[..
     recorded = [(a.fence, a.state, a.exit_reason, a.error_type, a.error_message, a.stack_trace)
                 for a in attempts(task_id)]
     assert recorded == [(n, "failed", "error", "ProbeFailure", "boom", failure.stack_trace) for n in (1, 2)]
-    assert lease.take(task_id, "worker-c", 60) is None  # dead letter is final
+    assert lease.take(task_id, "worker-c", 60) is lease.Refused.HELD  # dead letter is final
 
 
 def test_a_non_retryable_failure_dead_letters_at_once(make_task: Callable[..., uuid.UUID]) -> None:
@@ -348,11 +348,11 @@ def test_over_the_cap_a_take_waits_and_an_expired_lease_is_still_taken_over(
     held = lease.take(first, "w", 0.2, org_cap=2)
     assert isinstance(held, lease.Lease)
     assert isinstance(lease.take(second, "w", 60, org_cap=2), lease.Lease)
-    assert lease.take(third, "w", 60, org_cap=2) == lease.OVER_CAPACITY
+    assert lease.take(third, "w", 60, org_cap=2) == lease.Refused.OVER_CAPACITY
     task = task_row(third)
     assert (task.state, task.fence, task.attempts_count) == ("queued", 0, 0)  # untouched, still waiting
     wait_for(lambda: lease_expired(first), timeout=10, message="the 0.2 s lease to lapse")
-    assert lease.take(third, "w", 60, org_cap=2) == lease.OVER_CAPACITY  # the expired lease holds its slot
+    assert lease.take(third, "w", 60, org_cap=2) == lease.Refused.OVER_CAPACITY  # the expired lease holds its slot
     assert isinstance(lease.take(first, "rescuer", 60, org_cap=2), lease.Lease)  # ... until taken over
     assert counters(first)[0] == running_tasks(first)[0] == 2
 
@@ -386,7 +386,7 @@ def test_concurrent_takes_never_pass_the_caps_and_the_counters_end_at_zero(
                         task_id = queue.pop()
                     held = lease.take(task_id, f"t{number}", 60, org_cap=3)
                     if not isinstance(held, lease.Lease):
-                        assert held == lease.OVER_CAPACITY
+                        assert held == lease.Refused.OVER_CAPACITY
                         with guard:
                             queue.insert(0, task_id)
                         continue

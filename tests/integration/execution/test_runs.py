@@ -95,7 +95,7 @@ def test_a_creator_that_rolls_back_leaves_the_early_take_nothing(org_id: uuid.UU
     with pytest.raises(ConnectionError):
         runs.create_enqueued_run(org_id=org_id, job_name="hello", cause="manual", triggered_by=None,
                                  rate=UNLIMITED, enqueue=enqueue_then_fail)
-    assert early_worker.join() == [None]  # the message is dropped, nothing was leased
+    assert early_worker.join() == [lease.Refused.HELD]  # the message is dropped, nothing was leased
     db.session.rollback()
     assert db.session.scalar(text("SELECT count(*) FROM runs WHERE org_id = :o"), {"o": org_id}) == 0
 
@@ -118,11 +118,11 @@ def test_a_take_gives_up_on_a_creator_that_never_ends(org_id: uuid.UUID, monkeyp
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A creator stalled mid-transaction: past the wait limit the take answers None (the
     message is dropped; the reaper's sweep sends a task that later commits again)."""
-    monkeypatch.setattr(lease, "_WAIT_FOR_CREATOR", text("SELECT set_config('lock_timeout', '200ms', true)"))
+    monkeypatch.setattr(lease.sql, "WAIT_FOR_CREATOR", text("SELECT set_config('lock_timeout', '200ms', true)"))
     task_id = uuid.uuid4()
     with db.engine.connect() as creator:
         creator.execute(runs.CREATION_LOCK, {"task_id": task_id})
-        assert lease.take(task_id, "w", 60) is None
+        assert lease.take(task_id, "w", 60) is lease.Refused.HELD
         creator.rollback()
     assert "still open" in caplog.text
 
