@@ -1,1 +1,0 @@
-"""Development tools of the project (not installed): custom import-linter contracts."""
