@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 
 from tracecore.dags.catalog import Job
-from tracecore.dags.trigger_spec import _trigger_jobs
+from tracecore.dags.trigger_spec import trigger_jobs
 from tracecore.dags.triggers import TriggerFiring
 from tracecore.db.engine import db
 from tracecore.exceptions import NotFound
@@ -136,7 +136,7 @@ def evaluate(job: Job, now: datetime | None = None) -> uuid.UUID | None:
         TriggerFiring.job_id == job.id, TriggerFiring.key.startswith(PREFIX)).order_by(TriggerFiring.created_at)))
     since = firings[-1] if firings else job.created_at
     tree = job.spec["trigger"]
-    names = list(dict.fromkeys(_trigger_jobs(tree)))
+    names = list(dict.fromkeys(trigger_jobs(tree)))
     leaves = {row.name: (row.first_at, row.succeeded) for row in db.session.execute(
         _LEAVES, {"org_id": job.org_id, "names": names, "since": since, "job_id": job.id})} if names else {}
     first_version = None
@@ -166,7 +166,7 @@ def _composites(org_id: uuid.UUID | None, upstream: str | None = None, *, condit
     found = []
     for job in db.session.scalars(query):
         tree = job.spec.get("trigger")
-        if not is_composite(job) or (upstream is not None and upstream not in set(_trigger_jobs(tree))):
+        if not is_composite(job) or (upstream is not None and upstream not in set(trigger_jobs(tree))):
             continue
         if not conditions_only or _has_condition(tree):
             found.append(job.id)

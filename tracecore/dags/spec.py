@@ -30,8 +30,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from tracecore.dags.bounds import Bound, bounds
-from tracecore.dags.text import _invalid_body, _load, _type_name, parse_duration, parse_memory_mb
-from tracecore.dags.trigger_spec import MAX_TRIGGER_NODES, Batch, TriggerRules, _trigger_jobs
+from tracecore.dags.text import invalid_body, load_body, parse_duration, parse_memory_mb, type_name
+from tracecore.dags.trigger_spec import MAX_TRIGGER_NODES, Batch, TriggerRules, trigger_jobs
 from tracecore.data import schema as dataset_schema
 from tracecore.exceptions import ValidationError
 
@@ -140,7 +140,7 @@ class JobSpec:
 
     def dependencies(self) -> list[str]:
         """Jobs this one reads from or is triggered by (in this DAG or not), deduplicated."""
-        names = [ref.job for ref in self.inputs] + list(_trigger_jobs(self.trigger))
+        names = [ref.job for ref in self.inputs] + list(trigger_jobs(self.trigger))
         return list(dict.fromkeys(names))
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,7 +261,7 @@ class _Parser(TriggerRules):
     def check(self, value: Any, kind: str, path: str, expected: str | None = None) -> bool:
         if _KINDS[kind](value):
             return True
-        self.error("invalid_type", path, f"expected {expected or kind}, got {_type_name(value)}")
+        self.error("invalid_type", path, f"expected {expected or kind}, got {type_name(value)}")
         return False
 
     def mapping(self, value: Any, path: str, keys: tuple[str, ...],
@@ -337,7 +337,7 @@ class _Parser(TriggerRules):
             if not self.check(jobs, "list", "jobs"):
                 jobs = []
         else:
-            raise _invalid_body(f"a DAG is a list of jobs or a mapping with 'jobs', got {_type_name(data)}")
+            raise invalid_body(f"a DAG is a list of jobs or a mapping with 'jobs', got {type_name(data)}")
         for i, raw in enumerate(jobs):  # names and outputs first: inputs may point forward
             if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
                 self.first_index.setdefault(raw["name"], i)
@@ -560,13 +560,13 @@ class _Parser(TriggerRules):
             if isinstance(item, Mapping):
                 for key, child in item.items():
                     if not isinstance(key, str):
-                        self.error("invalid_type", f"{at}.{key}", f"expected string key, got {_type_name(key)}")
+                        self.error("invalid_type", f"{at}.{key}", f"expected string key, got {type_name(key)}")
                     todo.append((child, f"{at}.{key}", depth + 1))
             elif isinstance(item, (list, tuple)):
                 todo.extend((child, f"{at}[{k}]", depth + 1) for k, child in enumerate(item))
             elif not (item is None or isinstance(item, (str, int, bool))
                       or (isinstance(item, float) and math.isfinite(item))):
-                self.error("invalid_type", at, f"expected a JSON value, got {_type_name(item)}")
+                self.error("invalid_type", at, f"expected a JSON value, got {type_name(item)}")
         return copy.deepcopy(dict(value))
 
     def job_udf(self, value: Any, path: str, i: int) -> UdfRef | None:
@@ -629,7 +629,7 @@ def parse_dag(body: bytes | str | object, *, content_type: str | None = None,
     ``limits`` are the numeric bounds (``tracecore.dags.bounds.bounds(settings)``; default: the
     settings' defaults). Raises ValidationError listing every problem in ``details["errors"]``.
     """
-    data = _load(body, content_type) if isinstance(body, (bytes, str)) else body
+    data = load_body(body, content_type) if isinstance(body, (bytes, str)) else body
     return _Parser(operators, external_outputs, limits or bounds()).parse(data)
 
 

@@ -34,7 +34,7 @@ def parse_duration(text: str | int | float) -> float:
     ``"1m1m"`` are rejected as the typos they most likely are. Raises ValueError.
     """
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise ValueError(f"expected a duration, got {_type_name(text)}")
+        raise ValueError(f"expected a duration, got {type_name(text)}")
     try:
         if not isinstance(text, str):
             seconds = float(text)
@@ -112,12 +112,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _load(body: bytes | str, content_type: str | None) -> Any:
+def load_body(body: bytes | str, content_type: str | None) -> Any:
     """Decode raw text as JSON or YAML; YAML is the default as it is a superset of JSON."""
     media = (content_type or "").split(";")[0].strip().lower()
     is_json = media == "application/json" or media.endswith("+json")
     if media and not is_json and media not in _YAML_TYPES and not media.endswith("+yaml"):
-        raise _invalid_body(f"unsupported content type {content_type!r}")
+        raise invalid_body(f"unsupported content type {content_type!r}")
     try:
         text = body.decode("utf-8-sig") if isinstance(body, bytes) else body
         if is_json:
@@ -128,18 +128,18 @@ def _load(body: bytes | str, content_type: str | None) -> Any:
         return value
     except UserError as exc:
         # Unparsable JSON stays ``invalid_body``; depth, size, numbers and strings keep their own codes.
-        raise _invalid_body(exc.message, "invalid_body" if exc.code == "invalid_json" else exc.code) from None
+        raise invalid_body(exc.message, "invalid_body" if exc.code == "invalid_json" else exc.code) from None
     except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as exc:
-        raise _invalid_body(f"cannot parse the DAG: {exc}") from None
+        raise invalid_body(f"cannot parse the DAG: {exc}") from None
 
 
-def _invalid_body(message: str, code: str = "invalid_body") -> ValidationError:
+def invalid_body(message: str, code: str = "invalid_body") -> ValidationError:
     """The body as a whole is unusable; listed in ``details["errors"]`` like any other problem."""
     return ValidationError(message, path="", code=code,
                            details={"errors": [{"code": code, "path": "", "message": message}]})
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     if value is None:
         return "null"
     for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),

@@ -35,13 +35,13 @@ def _has_when(node: Mapping[str, Any] | None) -> bool:
     return "when" in node or any(_has_when(child) for child in node.get("all_of", ()) or node.get("any_of", ()))
 
 
-def _trigger_jobs(node: Mapping[str, Any] | None) -> Iterator[str]:
+def trigger_jobs(node: Mapping[str, Any] | None) -> Iterator[str]:
     if not node:
         return
     if "job" in node:
         yield node["job"]
     for child in node.get("all_of", ()) or node.get("any_of", ()):
-        yield from _trigger_jobs(child)
+        yield from trigger_jobs(child)
 
 
 
@@ -70,7 +70,7 @@ class TriggerRules:
             self.error("missing_key", f"{path}.inputs", f"{key} {job.get(key)!r} needs 'inputs' to watch")
         if trigger and _has_when(trigger) and not job.get("inputs"):
             self.error("missing_key", f"{path}.inputs", "a 'when' condition is evaluated over the job's inputs")
-        if trigger and reactive and any(True for _ in _trigger_jobs(trigger)):
+        if trigger and reactive and any(True for _ in trigger_jobs(trigger)):
             self.error("invalid_value", f"{path}.trigger", "a reactive job's trigger is a condition on each "
                                                            "update: 'when' nodes (in all_of / any_of) only")
 
