@@ -49,7 +49,6 @@ class Outcome:
     returncode: int
     stdout: str
     stderr: str
-    elapsed: float
 
 
 @pytest.fixture(scope="session")
@@ -112,12 +111,10 @@ def run_wrapper(tmp_path: Path, bin_dir: Path, request: pytest.FixtureRequest) -
             "TRACE_CAPABILITY_TOKEN": TOKEN,
             **(env or {}),
         }
-        started = time.monotonic()
         proc = subprocess.run(wrapper_command(wrapper, request), env=wrapper_env,
                               capture_output=True, text=True, timeout=timeout_s + 30, check=False)
-        elapsed = time.monotonic() - started
         result = json.loads(result_file.read_text()) if result_file.exists() else {}
-        return Outcome(result, proc.returncode, proc.stdout, proc.stderr, elapsed)
+        return Outcome(result, proc.returncode, proc.stdout, proc.stderr)
 
     return run
 
@@ -182,8 +179,9 @@ def test_dotted_module_path(run_wrapper: Callable[..., Outcome]) -> None:
 def test_infinite_loop_times_out(run_wrapper: Callable[..., Outcome]) -> None:
     out = run_wrapper({"trace.py": "def handler(e, c):\n    while True:\n        pass\n"}, timeout_s=1)
     assert out.result["status"] == "timeout", out
-    assert out.result["error"]["errorType"] == "Sandbox.Timedout"
-    assert out.elapsed < 1 + 2, out.elapsed
+    # The wrapper's own deadline, the one it was given (not its 60 s default), ended the loop.
+    assert out.result["error"] == {"errorType": "Sandbox.Timedout", "errorMessage": "Task timed out after 1.00 seconds",
+                                   "stackTrace": []}, out.result["error"]
     assert out.returncode == 1
 
 
@@ -329,8 +327,9 @@ def test_node_in_process_environment_is_the_child_processes(run_wrapper: Callabl
 def test_node_timeouts(run_wrapper: Callable[..., Outcome], wrapper: str, source: str) -> None:
     out = run_wrapper({"index.js": source}, runtime="nodejs", handler="index.handler", timeout_s=1, wrapper=wrapper)
     assert out.result["status"] == "timeout", out
-    assert out.result["error"]["errorType"] == "Sandbox.Timedout"
-    assert out.elapsed < 1 + 2, out.elapsed
+    # The wrapper's own deadline, the one it was given (not its 60 s default), ended the handler.
+    assert out.result["error"] == {"errorType": "Sandbox.Timedout", "errorMessage": "Task timed out after 1.00 seconds",
+                                   "stackTrace": []}, out.result["error"]
     assert out.returncode == 1
 
 
@@ -388,15 +387,13 @@ def test_sigterm_ends_the_invocation(tmp_path: Path, bin_dir: Path, request: pyt
             assert time.monotonic() < deadline and proc.poll() is None, "the handler never started"
             time.sleep(0.02)
         runtime_pid = int((tmp_path / "started").read_text())
-        started = time.monotonic()
         proc.terminate()
-        assert proc.wait(timeout=10) == 1
-        assert time.monotonic() - started < 3
+        assert proc.wait() == 1  # its own deadline (30 s) would also end it, but as `timeout`: see below
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    result = json.loads(result_file.read_text())
+    result = json.loads(result_file.read_text())  # ended by the signal, not by the deadline (Sandbox.Timedout)
     assert result["status"] == "error" and result["error"]["errorType"] == "Sandbox.Terminated", result
     with pytest.raises(ProcessLookupError):
         os.kill(runtime_pid, 0)  # the runtime process went with it (its own process for python: reaped)

@@ -324,12 +324,34 @@ def test_a_handler_error_printed_by_the_wrapper_is_an_error_outcome(
 def test_timeout_stops_the_task(aws: dict[str, Any], backend: FargateBackend, tmp_path: Path,
                                 transitions: Callable[[dict[str, Any]], None]) -> None:
     transitions(HOLD)  # the task runs forever
+    calls: list[tuple[str, dict[str, Any]]] = []  # every AWS call the backend makes, in order
+    statuses: list[str] = []  # the task's lastStatus in each describe_tasks answer it read
+
+    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
+        calls.append((model.name, params))
+
+    def status(parsed: dict[str, Any], **_: Any) -> None:
+        statuses.extend(str(task.get("lastStatus")) for task in parsed.get("tasks") or [])
+
+    for client in (backend.ecs, backend.logs):
+        client.meta.events.register("before-parameter-build", record)
+    backend.ecs.meta.events.register("after-call.ecs.DescribeTasks", status)
     before = all_tasks(aws)
-    started = time.monotonic()
-    outcome = backend.run(make_invocation(tmp_path, timeout_s=0.5))
-    elapsed = time.monotonic() - started
+    try:
+        outcome = backend.run(make_invocation(tmp_path, timeout_s=0.5))
+    finally:
+        for client in (backend.ecs, backend.logs):
+            client.meta.events.unregister("before-parameter-build", record)
+        backend.ecs.meta.events.unregister("after-call.ecs.DescribeTasks", status)
     assert outcome.exit_reason == "timeout", outcome
-    assert elapsed < 0.5 + 1.5 + 2.0
+    assert outcome.error_message == "no answer within 0.5 s", outcome
+    # One stop, for the run deadline (not the 30 s start timeout), of a task seen RUNNING; the answer
+    # came when the task was STOPPED (not after giving up waiting for that).
+    assert [params["reason"] for name, params in calls if name == "StopTask"] == [
+        "trace: timeout (0.5 s run, 30 s start)"]
+    assert "RUNNING" in statuses and statuses[-1] == "STOPPED", statuses
+    # Our own stop: no result line can come, so the logs are read once, without waiting for one.
+    assert [name for name, _ in calls if name == "GetLogEvents"] == ["GetLogEvents"], calls
     task_arn = new_task(aws, before)
     recorded = moto_task(aws, task_arn)
     assert recorded.desired_status == "STOPPED"  # moto recorded our stop_task

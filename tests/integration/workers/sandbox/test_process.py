@@ -220,21 +220,21 @@ def test_writes_outside_tmp_fail(backend: ProcessBackend, tmp_path: Path) -> Non
     assert not (tmp_path / "bundle" / "escape").exists()
 
 
-def test_infinite_loop_ends_as_timeout_within_timeout_plus_2s(backend: ProcessBackend, tmp_path: Path) -> None:
-    started = time.monotonic()
+def test_infinite_loop_ends_as_the_wrappers_own_timeout(backend: ProcessBackend, tmp_path: Path) -> None:
+    """The wrapper's deadline ends the loop and the wrapper reports it, before either backstop has to:
+    the backend's outer kill (SIGKILL: exit 137, no result) or the CPU rlimit (its own message)."""
     outcome = invoke(backend, tmp_path, """
         def handler(event, context):
             while True:
                 pass
     """, timeout_s=2.0)
-    elapsed = time.monotonic() - started
     assert outcome.exit_reason == "timeout", outcome
-    assert elapsed < 2.0 + 2.0, elapsed
+    assert outcome.error_message == "no answer within 2 s", outcome
+    assert outcome.exit_code == 1, outcome  # the wrapper exited by itself after writing its verdict
 
 
 def test_a_sandbox_that_ignores_the_deadline_is_killed_from_outside(backend: ProcessBackend, tmp_path: Path) -> None:
     """The wrapper itself stuck (SIGSTOPped here): the backend's own wall clock kills the whole sandbox."""
-    started = time.monotonic()
     outcome = invoke(backend, tmp_path, """
         import os, signal
 
@@ -243,9 +243,10 @@ def test_a_sandbox_that_ignores_the_deadline_is_killed_from_outside(backend: Pro
             while True:
                 pass
     """, timeout_s=1.0)
-    elapsed = time.monotonic() - started
     assert outcome.exit_reason == "timeout", outcome
-    assert elapsed < 1.0 + 2.0 + 1.0, elapsed
+    # Killed from outside: SIGKILL to the sandbox (137) with no result document is a timeout only on
+    # that path (otherwise it is `killed`); the message is the deadline's, not the CPU rlimit's.
+    assert outcome.exit_code == 137 and outcome.error_message == "no answer within 1 s", outcome
     assert not list((tmp_path / "sandboxes" / PID_DIR).glob("*.json"))
 
 
