@@ -248,9 +248,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: flo
 def leased_capability(app: Flask, org_id: uuid.UUID, job: str) -> Any:
     """A capability token for a fresh manual run of ``job``, leased as a worker would (for
     publishing as that job's task without a sandbox)."""
-    from tracecore.appctx import settings_of
     from tracecore.data import publish
     from tracecore.execution import lease, runs, tokens
+    from tracecore.settings import current_settings
 
     _, task_id = runs.create_run(org_id=org_id, job_name=job, cause="manual", triggered_by=None)
     db.session.commit()
@@ -258,4 +258,4 @@ def leased_capability(app: Flask, org_id: uuid.UUID, job: str) -> Any:
     assert isinstance(held, lease.Lease)
     inputs = publish.pinned_inputs(held.org_id, held.job_spec)
     db.session.rollback()
-    return tokens.for_lease(held, settings_of(app), inputs=inputs)
+    return tokens.for_lease(held, current_settings(app), inputs=inputs)

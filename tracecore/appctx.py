@@ -24,8 +24,3 @@ def create_base_app(settings: Settings | None = None, name: str = "trace") -> Fl
     db.init_app(app)
     operators.load_plugins(settings.plugins)
     return app
-
-
-def settings_of(app: Flask) -> Settings:
-    """Kept only for the tests until they move to the new layout (issue 12): read ``current_settings``."""
-    return current_settings(app)

@@ -30,11 +30,6 @@ RUNTIME_IMAGES = {"python3.11": "trace-runtime-python", "nodejs": "trace-runtime
                   "provided": "trace-runtime-python"}
 
 
-# A job's limits are what its sandbox gets: one type, whose defaults are declared once, with the
-# job spec. The old name stays for the sandbox tests until they move to the new layout.
-SandboxLimits = Limits
-
-
 @dataclass
 class Invocation:
     """One run of a bundle. ``work_dir`` is a private host folder mounted at /run/trace:
@@ -46,7 +41,7 @@ class Invocation:
     handler: str
     event: dict[str, Any]
     work_dir: Path
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = field(default_factory=Limits)  # the job spec's own type: its defaults are declared once
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()

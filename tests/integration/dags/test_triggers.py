@@ -13,7 +13,7 @@ from sqlalchemy import text
 from tests.conftest import Processes, Tenant, wait_for
 from tracecore.dags.triggers import sign
 from tracecore.db.engine import db
-from tracecore.settings import Settings, configure
+from tracecore.settings import SETTINGS_KEY, Settings, configure
 
 NOOP = "- name: hello\n  runtime: platform\n  operator: noop\n"
 
@@ -96,7 +96,7 @@ def test_creating_a_webhook_needs_a_writer_and_a_job(client: FlaskClient, tenant
 def test_api_triggered_runs_are_rate_limited_per_org(client: FlaskClient, tenant: Tenant, make_tenant,
                                                      settings: Settings) -> None:
     app = client.application
-    app.config["TRACE_SETTINGS"] = configure(replace(settings, run_rate_limit=2, run_rate_window=60))
+    app.config[SETTINGS_KEY] = configure(replace(settings, run_rate_limit=2, run_rate_window=60))
     trigger_id, secret = setup_hook(client, tenant)
     for _ in range(2):
         assert client.post("/v1/jobs/hello/runs", json={}, headers=tenant.headers("writer")).status_code == 202

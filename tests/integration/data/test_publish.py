@@ -25,7 +25,6 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
 from tests.conftest import Tenant, wait_for
-from tracecore.appctx import settings_of
 from tracecore.data import datasets, lineage, publish
 from tracecore.data.batches import encode
 from tracecore.data.schema import arrow_schema, normalize_schema, schema_fingerprint
@@ -33,6 +32,7 @@ from tracecore.db.engine import db
 from tracecore.exceptions import PermissionDenied, StaleFence
 from tracecore.execution import lease, runs, tokens
 from tracecore.infra.storage import ObjectStore, object_store
+from tracecore.settings import current_settings
 from tracecore.taskapi import calls as task_api
 from workers.gateway import TaskGateway
 
@@ -76,7 +76,7 @@ def dag(client: FlaskClient, tenant: Tenant) -> Tenant:
 
 @pytest.fixture
 def store(app: Flask) -> ObjectStore:
-    return object_store(settings_of(app))
+    return object_store(current_settings(app))
 
 
 Grant = Callable[..., tuple[lease.Lease, tokens.Capability]]
@@ -93,7 +93,7 @@ def grant(app: Flask, dag: Tenant) -> Grant:
         assert held is not None
         inputs = publish.pinned_inputs(held.org_id, held.job_spec)
         db.session.rollback()
-        return held, tokens.for_lease(held, settings_of(app), inputs=inputs)
+        return held, tokens.for_lease(held, current_settings(app), inputs=inputs)
 
     return make
 
@@ -192,7 +192,7 @@ def test_a_stale_fence_is_409_and_writes_nothing(app: Flask, dag: Tenant, grant:
 
 
 def secret(app: Flask) -> bytes:
-    return tokens.secret_key(settings_of(app))
+    return tokens.secret_key(current_settings(app))
 
 
 # -- malformed batches: dead letters ------------------------------------------------------------
@@ -414,7 +414,7 @@ def test_the_celery_task_checks_the_token_and_publishes(app: Flask, dag: Tenant,
                                                         store: ObjectStore) -> None:
     _, capability = grant("emit")
     manifest = write_batch(store, capability, "events", events(("a", 1)), EVENTS)
-    settings = settings_of(app)
+    settings = current_settings(app)
     answer = publish.publish_with_token(tokens.mint(capability, secret(app)), manifest, settings)
     assert (answer["status"], answer["inserted"], answer["version"]) == (200, 1, 1)
     forged = tokens.mint(capability, b"not the platform's key")

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from tests.conftest import Processes, Tenant
 from tests.integration.workers.test_dispatcher import put_dag, wait_run, when
 from tracecore.db.engine import db
-from tracecore.settings import Settings, configure
+from tracecore.settings import SETTINGS_KEY, Settings, configure
 
 
 def job(name: str, operator: str = "sleep", *extra: str, upstream: tuple[str, ...] = ()) -> str:
@@ -145,7 +145,7 @@ def test_a_failure_does_not_strand_an_independent_branch(client: FlaskClient, te
 
 def test_dag_runs_and_reruns_share_the_orgs_rate_limit(client: FlaskClient, tenant: Tenant,
                                                        settings: Settings) -> None:
-    client.application.config["TRACE_SETTINGS"] = configure(replace(settings, run_rate_limit=2, run_rate_window=60))
+    client.application.config[SETTINGS_KEY] = configure(replace(settings, run_rate_limit=2, run_rate_window=60))
     put_dag(client, tenant, "diamond", DIAMOND)
     run_id = start_dag(client, tenant, "diamond")
     rerun = client.post(f"/v1/runs/{run_id}/rerun", json={"scope": "self", "job": "b"},

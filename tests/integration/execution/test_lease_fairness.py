@@ -24,7 +24,7 @@ from tests.conftest import Processes, Tenant, wait_for
 from tests.integration.workers.test_dispatcher import NOOP, ping_workers, put_dag, read_run, trigger
 from tracecore.dags.spec import JobSpec
 from tracecore.db.engine import db, sqlalchemy_url
-from tracecore.settings import Settings, configure
+from tracecore.settings import SETTINGS_KEY, Settings, configure
 
 ORG_CAP = 3
 
@@ -171,7 +171,7 @@ def test_a_dag_run_over_the_org_cap_waits_and_finishes(
 
 
 def _limit(client: FlaskClient, settings: Settings, limit: int, window: int = 60) -> None:
-    client.application.config["TRACE_SETTINGS"] = configure(replace(settings, run_rate_limit=limit,
+    client.application.config[SETTINGS_KEY] = configure(replace(settings, run_rate_limit=limit,
                                                                     run_rate_window=window))
 
 

@@ -30,7 +30,6 @@ import pytest
 from flask import Flask
 from sqlalchemy import text
 
-from tracecore.appctx import settings_of
 from tracecore.dags import catalog as dags
 from tracecore.db.engine import db
 from tracecore.exceptions import PlatformError
@@ -45,6 +44,7 @@ from tracecore.infra.credentials import (
     session_policy,
 )
 from tracecore.infra.storage import object_store
+from tracecore.settings import SETTINGS_KEY, current_settings
 from tracecore.taskapi import calls as task_api
 from tracecore.tenancy import orgs
 from workers.gateway import TaskGateway
@@ -99,12 +99,12 @@ def make_leased(app: Flask) -> Callable[[], lease.Lease]:
 
 
 def mint(app: Flask, leased: lease.Lease, **changes: Any) -> Task:
-    secret = tokens.secret_key(settings_of(app))
+    secret = tokens.secret_key(current_settings(app))
     org = leased.org_id
     inputs = [{"dataset": "blocks", "version": 3, "prefix": input_prefix(org, "blocks", 3)},
               {"dataset": "prices", "version": 7, "prefix": input_prefix(org, "prices", 7).rstrip("/")},
               {"dataset": "labels", "version": 1}]  # no prefix: Query Service only
-    capability = dataclasses.replace(tokens.for_lease(leased, settings_of(app), inputs=inputs), **changes)
+    capability = dataclasses.replace(tokens.for_lease(leased, current_settings(app), inputs=inputs), **changes)
     return Task(leased, capability, tokens.mint(capability, secret), secret)
 
 
@@ -136,7 +136,7 @@ def test_local_credentials_name_the_prefixes(task: Task) -> None:
 
 
 def test_local_put_and_get_under_the_task_prefixes(task: Task, app: Flask) -> None:
-    store = object_store(settings_of(app))
+    store = object_store(current_settings(app))
     output, scratch = task.capability.output_prefix, task.capability.scratch_prefix
     for key, data in ((f"{output}part-0.parquet", b"PAR1 rows PAR1"), (f"{scratch}tmp/x.bin", bytes(range(256)))):
         status, body = task.call("PUT", objects(key), data)
@@ -156,7 +156,7 @@ def test_local_put_and_get_under_the_task_prefixes(task: Task, app: Flask) -> No
 
 def test_local_access_outside_the_prefixes_is_denied(task: Task, app: Flask,
                                                      make_leased: Callable[[], lease.Lease]) -> None:
-    store = object_store(settings_of(app))
+    store = object_store(current_settings(app))
     other = mint(app, make_leased())
     secret_key = f"{other.capability.output_prefix}theirs.parquet"
     store.put(secret_key, b"another task's output")
@@ -182,7 +182,7 @@ def test_traversal_and_malformed_keys_answer_400(task: Task, app: Flask, rest: s
     path = objects(rest.format(output=task.capability.output_prefix))
     for method in ("GET", "PUT"):
         assert_error(task.call(method, path, b"x"), 400, "invalid_key")
-    assert not (settings_of(app).home_path / "objects" / "secret-key").exists()
+    assert not (current_settings(app).home_path / "objects" / "secret-key").exists()
 
 
 def test_percent_encoded_keys_resolve_once(task: Task) -> None:
@@ -196,7 +196,7 @@ def test_percent_encoded_keys_resolve_once(task: Task) -> None:
 def test_large_objects_are_read_in_bounded_chunks(task: Task, app: Flask) -> None:
     key = f"{task.inputs[1]}big.bin"
     data = bytes(range(256)) * (MAX_CHUNK_BYTES // 256 + 1000)  # just over one chunk
-    object_store(settings_of(app)).put(key, data)
+    object_store(current_settings(app)).put(key, data)
     status, first = task.call("GET", objects(key))
     assert status == 200 and first["length"] == MAX_CHUNK_BYTES and first["next_offset"] == MAX_CHUNK_BYTES
     assert len(json.dumps(first)) <= task_api.MAX_BODY_BYTES  # the answer keeps the body limit
@@ -214,7 +214,7 @@ def test_large_objects_are_read_in_bounded_chunks(task: Task, app: Flask) -> Non
 def test_bodies_are_bounded_and_other_methods_refused(task: Task, app: Flask) -> None:
     key = f"{task.capability.output_prefix}too-big.bin"
     assert_error(task.call("PUT", objects(key), b"x" * (task_api.MAX_BODY_BYTES + 1)), 413, "payload_too_large")
-    assert not object_store(settings_of(app)).exists(key)
+    assert not object_store(current_settings(app)).exists(key)
     exactly = b"y" * task_api.MAX_BODY_BYTES
     assert task.call("PUT", objects(key), exactly)[0] == 201
     for method in ("POST", "DELETE", "PATCH"):
@@ -236,7 +236,7 @@ def test_a_stale_fence_gets_no_credentials_and_writes_nothing(app: Flask, make_l
     # A token ends with its attempt (issue 11): the zombie's token no longer works at all.
     assert_error(old.call("POST", "/v1/task/credentials"), 401, "token_attempt_ended")
     assert_error(old.call("PUT", objects(key), b"late"), 401, "token_attempt_ended")
-    assert not object_store(settings_of(app)).exists(key)
+    assert not object_store(current_settings(app)).exists(key)
     current = mint(app, newer)
     assert current.call("PUT", objects(key), b"current")[0] == 201
     assert current.call("GET", objects(key))[0] == 200
@@ -361,10 +361,10 @@ def sts_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3_app(app: Flask, sts_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Flask:
     """The app configured for an S3 store and the broker's role, STS at moto."""
-    settings = dataclasses.replace(settings_of(app), object_store=f"s3://{BUCKET}/{STORE_PREFIX}",
+    settings = dataclasses.replace(current_settings(app), object_store=f"s3://{BUCKET}/{STORE_PREFIX}",
                                    s3_endpoint="http://s3.internal.example:9000", s3_region="us-east-1",
                                    credentials_role_arn=ROLE_ARN, sts_endpoint=sts_endpoint)
-    monkeypatch.setitem(app.config, "TRACE_SETTINGS", settings)
+    monkeypatch.setitem(app.config, SETTINGS_KEY, settings)
     return app
 
 
@@ -417,16 +417,16 @@ def test_the_broker_without_a_role_or_with_too_many_inputs_refuses(s3_app: Flask
     crowded = mint(app, make_leased(), inputs=tuple(many))
     assert len(json.dumps(session_policy(BUCKET, STORE_PREFIX, crowded.capability))) > MAX_POLICY_CHARS
     assert_error(crowded.call("POST", "/v1/task/credentials"), 422, "session_policy_too_large")
-    monkeypatch.setitem(app.config, "TRACE_SETTINGS",
-                        dataclasses.replace(settings_of(app), credentials_role_arn=None))
+    monkeypatch.setitem(app.config, SETTINGS_KEY,
+                        dataclasses.replace(current_settings(app), credentials_role_arn=None))
     assert_error(task.call("POST", "/v1/task/credentials"), 503, "broker_not_configured")
     assert len(recorded_roles()) == before  # nothing was asked of STS
 
 
 def test_an_sts_failure_answers_502_without_secrets(s3_app: Flask, app: Flask, task: Task,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(app.config, "TRACE_SETTINGS",
-                        dataclasses.replace(settings_of(app), sts_endpoint="http://127.0.0.1:9"))
+    monkeypatch.setitem(app.config, SETTINGS_KEY,
+                        dataclasses.replace(current_settings(app), sts_endpoint="http://127.0.0.1:9"))
     status, body = task.call("POST", "/v1/task/credentials")
     assert_error((status, body), 502, "sts_failed")
     assert "testing" not in json.dumps(body)

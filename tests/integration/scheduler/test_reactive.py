@@ -84,9 +84,9 @@ def test_the_celery_hook_runs_the_reactive_job_with_a_real_worker(app: Flask, cl
 def test_a_publish_that_makes_a_version_sends_the_hook_and_one_that_changes_nothing_does_not(
         app: Flask, client: FlaskClient, tenant: Tenant, monkeypatch: Any) -> None:
     import workers.app
-    from tracecore.appctx import settings_of
     from tracecore.data import publish
     from tracecore.infra.storage import object_store
+    from tracecore.settings import current_settings
 
     dag = [{"name": "emit", "runtime": "platform", "operator": "noop", "unique_key": ["k"],
             "update_strategy": "append", "outputs": [{"dataset": "emitted", "kind": "buffered",
@@ -100,7 +100,7 @@ def test_a_publish_that_makes_a_version_sends_the_hook_and_one_that_changes_noth
     monkeypatch.setattr(workers.app, "dataset_updated", lambda _app, dataset_id, version: sent.append(
         (str(dataset_id), version)))
     capability = leased_capability(app, tenant.org_id, "emit")
-    store = object_store(settings_of(app))
+    store = object_store(current_settings(app))
     first = publish.publish_rows(capability, None, [{"k": 1}, {"k": 2}], store=store)
     publish.publish_rows(capability, None, [{"k": 1}], store=store)  # nothing new: no version, no hook
     emitted = datasets.get_dataset(tenant.org_id, "emitted")

@@ -16,13 +16,13 @@ from sqlalchemy import func, select
 
 from scheduler import reactive
 from tests.conftest import Processes, Tenant, leased_capability, wait_for
-from tracecore.appctx import settings_of
 from tracecore.dags.catalog import Job
 from tracecore.data import datasets, publish
 from tracecore.db.engine import db
 from tracecore.execution import dag_runs, lease
 from tracecore.execution.runs import Run, Task
 from tracecore.infra.storage import object_store
+from tracecore.settings import current_settings
 
 
 def _job(name: str, **fields: Any) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def test_idle_timeout_runs_the_job_once_per_idle_period_and_an_update_resets_it(
 def _publish(app: Flask, org_id: uuid.UUID, job: str, rows: list[dict[str, Any]]) -> int | None:
     """Publish rows as a task of ``job`` would (a real lease and capability token)."""
     capability = leased_capability(app, org_id, job)
-    return publish.publish_rows(capability, None, rows, store=object_store(settings_of(app))).version
+    return publish.publish_rows(capability, None, rows, store=object_store(current_settings(app))).version
 
 
 EMIT = _job("emit", unique_key=["k"], update_strategy="append",

@@ -39,9 +39,9 @@ from werkzeug.test import TestResponse
 from tests.conftest import Tenant, leased_capability
 from tests.integration.workers.test_gateway import call as gateway_call
 from tests.unit.execution.test_bundles import PY, make_zip, member
-from tracecore.appctx import settings_of
 from tracecore.dags import triggers
 from tracecore.execution import tokens
+from tracecore.settings import current_settings
 from tracecore.taskapi import calls as task_api
 from workers.gateway import TaskGateway
 
@@ -256,7 +256,8 @@ def world(app: Flask, client: FlaskClient, make_tenant: Callable[[str], Tenant])
     token = client.post("/v1/tokens", json={"name": "spare"}, headers=admin)
     hook = client.post("/v1/jobs/fz_hello/webhooks", headers=admin)
     assert hook.status_code == 201, hook.get_json()
-    capability = tokens.mint(leased_capability(app, tenant.org_id, "fz_hello"), tokens.secret_key(settings_of(app)))
+    capability = tokens.mint(leased_capability(app, tenant.org_id, "fz_hello"),
+                             tokens.secret_key(current_settings(app)))
     published = client.post("/v1/task/buffer-publish", json={"rows": [{"address": "0xabc"}], "dataset": "fz_labels"},
                             headers={"Authorization": f"Bearer {capability}"})
     assert published.status_code == 200, published.get_json()
@@ -523,10 +524,11 @@ GATEWAY_BODIES.update({f"field-{kind}": json.dumps({"sql": "__HOSTILE__"}).repla
 def gateway(app: Flask, world: World, tmp_path: Path) -> Iterator[Path]:
     from tracecore.execution import tokens as token_module
 
-    claims = token_module.verify(world.capability, token_module.secret_key(settings_of(app)))
+    claims = token_module.verify(world.capability, token_module.secret_key(current_settings(app)))
     folder = tmp_path / "gw"
     folder.mkdir()
-    with TaskGateway(folder / "gateway.sock", app, claims.task_id, token_module.secret_key(settings_of(app))) as gw:
+    secret = token_module.secret_key(current_settings(app))
+    with TaskGateway(folder / "gateway.sock", app, claims.task_id, secret) as gw:
         yield gw.path
 
 

@@ -36,13 +36,12 @@ from sqlalchemy import select, text
 
 from tests.conftest import Processes, Tenant, wait_for
 from tests.integration.workers.test_gateway import call
-from tracecore.appctx import settings_of
 from tracecore.data import publish
 from tracecore.db.engine import db
 from tracecore.exceptions import StaleFence
 from tracecore.execution import lease, redaction, runs, tokens
 from tracecore.infra.storage import object_store
-from tracecore.settings import Settings
+from tracecore.settings import Settings, current_settings
 from workers.gateway import TaskGateway
 from workers.operators import udf
 from workers.sandbox import Outcome
@@ -71,7 +70,7 @@ def emitting(client: FlaskClient, tenant: Tenant) -> Tenant:
 
 @pytest.fixture
 def secret(app: Flask) -> bytes:
-    return tokens.secret_key(settings_of(app))
+    return tokens.secret_key(current_settings(app))
 
 
 Leased = tuple[lease.Lease, tokens.Capability]
@@ -89,7 +88,7 @@ def lease_emit(app: Flask, emitting: Tenant) -> Callable[..., Leased]:
         assert isinstance(held, lease.Lease)
         inputs = publish.pinned_inputs(held.org_id, held.job_spec)
         db.session.rollback()
-        return held, tokens.for_lease(held, settings_of(app), inputs=inputs)
+        return held, tokens.for_lease(held, current_settings(app), inputs=inputs)
 
     return make
 
@@ -227,12 +226,12 @@ def test_the_celery_publish_refuses_an_ended_token(app: Flask, lease_emit: Calla
                                                    ending: str) -> None:
     held, capability = lease_emit()
     token = tokens.mint(capability, secret)
-    store = object_store(settings_of(app))
+    store = object_store(current_settings(app))
     manifest = _manifest(store, capability)
     end, reason = ENDINGS[ending]
     end(held)
     db.session.rollback()
-    answer = publish.publish_with_token(token, manifest, settings_of(app))
+    answer = publish.publish_with_token(token, manifest, current_settings(app))
     assert answer["status"] == 401 and answer["error"]["code"] == "token_attempt_ended", answer
     assert answer["error"]["details"]["reason"] == reason
     assert _rows("leaks", held.org_id) == []
@@ -267,7 +266,7 @@ def test_a_retry_gets_a_new_token_and_only_the_new_one_works(
     db.session.commit()
     retry = lease.take(held.task_id, "w2", 60)
     assert isinstance(retry, lease.Lease) and retry.attempt_number == 2
-    second = tokens.mint(tokens.for_lease(retry, settings_of(app)), secret)
+    second = tokens.mint(tokens.for_lease(retry, current_settings(app)), secret)
     caller = Caller("http", client, None)
     _assert_ended(caller("GET", "/v1/task/whoami", first), "fence_moved")
     assert caller("GET", "/v1/task/whoami", second)[0] == 200
@@ -362,7 +361,7 @@ def foreign(client: FlaskClient, make_tenant: Any, lease_emit: Callable[..., Lea
     _apply(client, other, _dag())
     held, capability = lease_emit(other.org_id)
     publish.publish_rows(capability, None, [{"k": "b-secret", "v": "only org B may read this"}],
-                         store=object_store(settings_of(client.application)))
+                         store=object_store(current_settings(client.application)))
     lease.succeed(held)
     return other
 
@@ -396,7 +395,7 @@ def test_a_live_token_of_org_a_touches_nothing_of_org_b(lease_emit: Callable[...
 # -- redaction of what the platform stores ----------------------------------------------------------
 
 def _token_text(held: lease.Lease, app: Flask, secret: bytes) -> str:
-    return tokens.mint(tokens.for_lease(held, settings_of(app)), secret)
+    return tokens.mint(tokens.for_lease(held, current_settings(app)), secret)
 
 
 LEAKY_RESULTS: dict[str, Callable[[str], Any]] = {
@@ -454,7 +453,7 @@ def test_published_data_and_dead_letters_never_hold_a_token(app: Flask, lease_em
                                                              secret: bytes, where: str) -> None:
     held, capability = lease_emit()
     token = _token_text(held, app, secret)
-    store = object_store(settings_of(app))
+    store = object_store(current_settings(app))
     if where.startswith("dead_letter"):
         manifest = _manifest(store, capability)
         if where == "dead_letter_fingerprint":  # schema_mismatch: details and manifest quote it

@@ -31,7 +31,6 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 
 from tests.conftest import Tenant, leased_capability, wait_for
-from tracecore.appctx import settings_of
 from tracecore.db.engine import db
 from tracecore.execution import tokens
 from tracecore.execution.lease import RUN_FINISHED_CHANNEL
@@ -39,7 +38,7 @@ from tracecore.infra import storage
 from tracecore.infra.storage import LocalObjectStore, ObjectStore, S3ObjectStore, object_store
 from tracecore.query import engine as query
 from tracecore.query.saved import Download
-from tracecore.settings import Settings, configure
+from tracecore.settings import SETTINGS_KEY, Settings, configure, current_settings
 from web.long_polls import SLOTS
 
 INLINE_CAP = 256 * 1024
@@ -109,12 +108,12 @@ def task_token(app: Flask, client: FlaskClient, tenant: Tenant) -> str:
     """A capability of a leased task (a live attempt), as a sandbox holds it."""
     client.put("/v1/dags/reader", data="- name: reader\n  runtime: platform\n  operator: noop\n",
                headers={**tenant.headers(), "Content-Type": "application/yaml"})
-    return tokens.mint(leased_capability(app, tenant.org_id, "reader"), tokens.secret_key(settings_of(app)))
+    return tokens.mint(leased_capability(app, tenant.org_id, "reader"), tokens.secret_key(current_settings(app)))
 
 
 def stored_exports(app: Flask) -> list[Path]:
     """Every file of the local store under exports/ and scratch/ (where query exports land)."""
-    store = object_store(settings_of(app))
+    store = object_store(current_settings(app))
     assert isinstance(store, LocalObjectStore)
     return [path for top in ("exports", "scratch") for path in (store.root / top).rglob("*") if path.is_file()]
 
@@ -280,7 +279,7 @@ def test_a_long_poll_flood_from_one_org_never_holds_the_api_for_another(
 
 def test_one_user_holds_at_most_its_own_cap(app: Flask, client: FlaskClient, tenant: Tenant, waits: Waits) -> None:
     """Per user 1: a second wait of the same reader answers at once; another member's is held."""
-    app.config["TRACE_SETTINGS"] = replace(settings_of(app), run_wait_max_per_principal=1)
+    app.config[SETTINGS_KEY] = replace(current_settings(app), run_wait_max_per_principal=1)
     run_id = _queued_run(client, tenant)
     waits.send("reader", run_id, tenant.headers("reader"))
     wait_for(lambda: SLOTS.held(tenant.org_id) == 1, message="the first wait to be held")
@@ -424,7 +423,7 @@ def test_the_bounds_themselves_are_accepted(client: FlaskClient, tenant: Tenant,
 
 def test_the_bounds_follow_the_installations_settings(app: Flask, client: FlaskClient, tenant: Tenant) -> None:
     """TRACE_MIN_SCHEDULE_INTERVAL, TRACE_MAX_JOB_MEMORY, _CPU and _TIMEOUT move the bounds."""
-    app.config["TRACE_SETTINGS"] = replace(settings_of(app), min_schedule_interval=60.0, max_job_memory=1024,
+    app.config[SETTINGS_KEY] = replace(current_settings(app), min_schedule_interval=60.0, max_job_memory=1024,
                                            max_job_cpu=1.0, max_job_timeout=120.0)
     for field, value, allowed in [("schedule.every", "30s", False), ("schedule.every", "1m", True),
                                   ("limits.memory", "2GB", False), ("limits.memory", "1GB", True),

@@ -36,9 +36,10 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.conftest import Processes, Tenant, wait_for
+from tracecore.dags.spec import Limits
 from tracecore.infra.storage import object_store
 from tracecore.settings import Settings
-from workers.sandbox import RESULT_CAP_BYTES, Invocation, Outcome, SandboxLimits
+from workers.sandbox import RESULT_CAP_BYTES, Invocation, Outcome
 from workers.sandbox.fargate import split_result
 from workers.sandbox.hostile_files import WORK_DIR_INODES, capped_work_dir
 from workers.sandbox.outcome import RESULT_MARKER
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.slow
 
 SECRET = "host-secret-planted-by-the-test-7f3a9c"
 CAP = 4 << 20  # the work dir's size cap in these runs
-LIMITS = SandboxLimits(timeout_s=4.0)
+LIMITS = Limits(timeout_s=4.0)
 RUN_JOIN_S = 180.0  # far above any run: only a hang reaches it
 
 # One handler for every case: what it does to /run/trace is the event's "case".

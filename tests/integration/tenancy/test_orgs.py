@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, func, select, update
 from tests.conftest import Tenant, wait_for
 from tracecore.db.engine import db, sqlalchemy_url
 from tracecore.exceptions import NotFound
-from tracecore.settings import Settings, configure
+from tracecore.settings import SETTINGS_KEY, Settings, configure
 from tracecore.tenancy import orgs
 from tracecore.tenancy.orgs import ApiToken, Role
 
@@ -251,7 +251,7 @@ def test_revoked_expired_and_unknown_tokens_answer_401(client: FlaskClient, tena
 
 
 def _trust(client: FlaskClient, settings: Settings, seconds: float) -> None:
-    client.application.config["TRACE_SETTINGS"] = configure(replace(settings, token_trust_seconds=seconds))
+    client.application.config[SETTINGS_KEY] = configure(replace(settings, token_trust_seconds=seconds))
 
 
 def _revoke_elsewhere(token_id: uuid.UUID) -> None:

@@ -25,10 +25,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from tests.conftest import Tenant, wait_for
-from tracecore.appctx import settings_of
 from tracecore.dags import catalog as dags
 from tracecore.db.engine import db
 from tracecore.execution import lease, runs, tokens
+from tracecore.settings import current_settings
 from tracecore.tenancy import orgs
 from workers.gateway import TaskGateway
 
@@ -118,7 +118,7 @@ def make_task(app: Flask) -> Callable[[], Made]:
 
 @pytest.fixture
 def secret(app: Flask) -> bytes:
-    return tokens.secret_key(settings_of(app))
+    return tokens.secret_key(current_settings(app))
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def leased(make_task: Callable[[], Made]) -> lease.Lease:
 
 @pytest.fixture
 def token(leased: lease.Lease, app: Flask, secret: bytes) -> str:
-    return tokens.mint(tokens.for_lease(leased, settings_of(app)), secret)
+    return tokens.mint(tokens.for_lease(leased, current_settings(app)), secret)
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_a_newer_lease_makes_the_old_token_stale(app: Flask, make_task: Callable
     task_id = make_task().task_id
     first = lease.take(task_id, "w1", 1.0)
     assert first is not None
-    old = tokens.mint(tokens.for_lease(first, settings_of(app)), secret)
+    old = tokens.mint(tokens.for_lease(first, current_settings(app)), secret)
     with TaskGateway(tmp_path / "gw.sock", app, task_id, secret) as gw:
         assert call(gw.path, "GET", "/v1/task/whoami", old)[1]["fence_current"] is True
 
@@ -180,7 +180,7 @@ def test_a_newer_lease_makes_the_old_token_stale(app: Flask, make_task: Callable
             401, "token_attempt_ended", "lease_expired")
         second = lease.take(task_id, "w2", 60)
         assert second is not None and second.fence == first.fence + 1
-        new = tokens.mint(tokens.for_lease(second, settings_of(app)), secret)
+        new = tokens.mint(tokens.for_lease(second, current_settings(app)), secret)
 
         # ...and so does a newer lease.
         status, body = call(gw.path, "GET", "/v1/task/whoami", old)
@@ -198,9 +198,9 @@ def test_missing_bad_and_expired_tokens_answer_401(gateway: TaskGateway, leased:
     assert_error(call(gateway.path, "GET", "/v1/task/whoami", "garbage"), 401, "invalid_token")
     assert_error(call(gateway.path, "GET", "/v1/task/whoami", token[:-2] + ("AA" if token[-2:] != "AA" else "BA")),
                  401, "bad_signature")
-    other_key = tokens.mint(tokens.for_lease(leased, settings_of(app)), b"another key entirely")
+    other_key = tokens.mint(tokens.for_lease(leased, current_settings(app)), b"another key entirely")
     assert_error(call(gateway.path, "GET", "/v1/task/whoami", other_key), 401, "bad_signature")
-    capability = tokens.for_lease(leased, settings_of(app))
+    capability = tokens.for_lease(leased, current_settings(app))
     stale = tokens.mint(dataclasses.replace(capability, expires_at=int(time.time()) - 1), secret)
     assert_error(call(gateway.path, "GET", "/v1/task/whoami", stale), 401, "token_expired")
 
@@ -209,7 +209,7 @@ def test_a_token_for_another_task_answers_403(gateway: TaskGateway, make_task: C
                                               secret: bytes) -> None:
     other = lease.take(make_task().task_id, "w", 60)
     assert other is not None
-    foreign = tokens.mint(tokens.for_lease(other, settings_of(app)), secret)
+    foreign = tokens.mint(tokens.for_lease(other, current_settings(app)), secret)
     assert_error(call(gateway.path, "GET", "/v1/task/whoami", foreign), 403, "wrong_task")
 
 

@@ -15,10 +15,10 @@ from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
 from tests.unit.execution.test_bundles import PY, link, make_zip, member
-from tracecore.appctx import settings_of
 from tracecore.db.engine import db
 from tracecore.execution import bundles
 from tracecore.infra.storage import LocalObjectStore, object_store
+from tracecore.settings import current_settings
 from tracecore.tenancy.audit import AuditLog
 
 BUNDLE = make_zip(*PY)
@@ -58,10 +58,10 @@ def test_upload_answers_201_and_stores_the_zip_by_hash(client: FlaskClient, tena
                                                                                  "trace.handler", 1)
     sha = bundles.validate_archive(BUNDLE, "python3.11", "trace.handler").sha256
     assert body["sha256"] == sha
-    store = object_store(settings_of(app))
+    store = object_store(current_settings(app))
     assert isinstance(store, LocalObjectStore)
     assert store.get(f"bundles/{tenant.org_id}/{sha}.zip") == BUNDLE
-    assert store.root == Path(settings_of(app).home).resolve() / "objects"
+    assert store.root == Path(current_settings(app).home).resolve() / "objects"
 
 
 def test_the_same_bytes_twice_give_the_same_bundle(client: FlaskClient, tenant: Tenant) -> None:
@@ -133,7 +133,7 @@ def test_invalid_uploads_answer_400_with_a_precise_code(client: FlaskClient, ten
                                                         runtime: str, handler: str, code: str, app: Flask) -> None:
     assert_error(upload(client, tenant, data, runtime=runtime, handler=handler), 400, code)
     assert client.get("/v1/bundles", headers=tenant.headers()).json == []
-    assert not (Path(settings_of(app).home).resolve() / "objects" / "bundles").exists()
+    assert not (Path(current_settings(app).home).resolve() / "objects" / "bundles").exists()
 
 
 def test_a_provided_bundle_with_an_executable_bootstrap(client: FlaskClient, tenant: Tenant) -> None:

@@ -22,7 +22,6 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
 from tests.conftest import Tenant
-from tracecore.appctx import settings_of
 from tracecore.dags import catalog as dags
 from tracecore.data import admin as dataset_admin
 from tracecore.data import datasets
@@ -30,7 +29,7 @@ from tracecore.db.engine import db
 from tracecore.execution import lease, runs, tokens
 from tracecore.infra.storage import object_store
 from tracecore.query.saved import Download
-from tracecore.settings import Settings, configure
+from tracecore.settings import SETTINGS_KEY, Settings, configure, current_settings
 from tracecore.tenancy.audit import AuditLog
 from tracecore.tenancy.orgs import User
 
@@ -52,7 +51,7 @@ def publish_parquet(app: Flask, org_id: uuid.UUID, name: str, blocks: list[int],
     pq.write_table(table, sink)
     data = sink.getvalue()
     key = f"datasets/{org_id}/{name}/{uuid.uuid4()}.parquet"
-    object_store(settings_of(app)).put(key, data)
+    object_store(current_settings(app)).put(key, data)
     dataset = datasets.declare_dataset(org_id, name, "derived", SCHEMA, pii=pii)
     version = datasets.add_version(dataset, {"files": [{"key": key, "sha256": hashlib.sha256(data).hexdigest(),
                                                         "rows": len(blocks), "bytes": len(data)}]}, mode="replace")
@@ -202,7 +201,7 @@ def test_a_large_json_result_becomes_a_parquet_download(client: FlaskClient, ten
 
 
 def test_timeouts_and_memory_bombs_are_4xx(app: Flask, client: FlaskClient, tenant: Tenant) -> None:
-    app.config["TRACE_SETTINGS"] = replace(settings_of(app), query_timeout=1.0, query_memory_limit="64MB")
+    app.config[SETTINGS_KEY] = replace(current_settings(app), query_timeout=1.0, query_memory_limit="64MB")
     slow = post_query(client, tenant, "SELECT count(*) FROM range(10000000000000)")  # uninterrupted: hours
     assert slow.status_code == 408 and slow.json["error"]["code"] == "query_timeout"
     assert slow.json["error"]["details"] == {"timeout_s": 1.0}  # DuckDB interrupted at the setting's deadline
@@ -244,8 +243,8 @@ def task_token(app: Flask, org_id: uuid.UUID, inputs: list[dict[str, Any]],
     db.session.commit()
     held = lease.take(task_id, "test-worker", 300)
     assert isinstance(held, lease.Lease)
-    capability = tokens.for_lease(held, settings_of(app), inputs=inputs)
-    return tokens.mint(capability, tokens.secret_key(settings_of(app)))
+    capability = tokens.for_lease(held, current_settings(app), inputs=inputs)
+    return tokens.mint(capability, tokens.secret_key(current_settings(app)))
 
 
 def task_query(client: FlaskClient, token: str, sql: str, **extra: Any) -> Any:
@@ -278,9 +277,9 @@ def test_a_task_export_lands_under_its_scratch_prefix_and_pii_is_audited(app: Fl
     assert granted.status_code in (200, 201), granted.json
     answer = task_query(client, token, "SELECT * FROM people", format="parquet")
     assert answer.status_code == 200, answer.json
-    capability = tokens.verify(token, tokens.secret_key(settings_of(app)))
+    capability = tokens.verify(token, tokens.secret_key(current_settings(app)))
     assert answer.json["key"].startswith(capability.scratch_prefix) and answer.json["row_count"] == 3
-    assert pq.read_table(io.BytesIO(object_store(settings_of(app)).get(answer.json["key"]))).num_rows == 3
+    assert pq.read_table(io.BytesIO(object_store(current_settings(app)).get(answer.json["key"]))).num_rows == 3
     audited = db.session.scalars(select(AuditLog).where(AuditLog.action == "dataset.read_pii")).all()
     assert len(audited) == 1 and audited[0].actor_id is None
     assert audited[0].details["via"] == "task" and audited[0].details["task_id"] == capability.task_id

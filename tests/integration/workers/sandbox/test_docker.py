@@ -33,7 +33,8 @@ from typing import Any
 import docker
 import pytest
 
-from workers.sandbox import LOG_CAP_BYTES, REDACTED, Invocation, Outcome, SandboxLimits
+from tracecore.dags.spec import Limits
+from workers.sandbox import LOG_CAP_BYTES, REDACTED, Invocation, Outcome
 from workers.sandbox.docker import LABEL, DockerBackend
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "bundles"
 CACHE = Path("/tmp/trace-test-cache")
 AWSLAMBDARIC_VERSION = "4.2.2"
 TEST_LABEL = "org.trace.test"
-FAST = SandboxLimits(timeout_s=5.0)
+FAST = Limits(timeout_s=5.0)
 _HOME_CARGO = Path.home() / ".cargo" / "bin" / "cargo"
 CARGO = shutil.which("cargo") or (str(_HOME_CARGO) if os.access(_HOME_CARGO, os.X_OK) else None)
 RUST_ID = "rust-cargo" if CARGO else "rust-no-cargo-bash-fallback"
@@ -84,7 +85,7 @@ class Sandbox:
         self.labels: list[str] = []
 
     def run(self, bundle: Path, *, runtime: str = "python3.11", handler: str = "trace.handler",
-            event: dict[str, Any] | None = None, limits: SandboxLimits = FAST, env: dict[str, str] | None = None,
+            event: dict[str, Any] | None = None, limits: Limits = FAST, env: dict[str, str] | None = None,
             secrets: tuple[str, ...] = ()) -> tuple[Outcome, float]:
         """Run once; answers the outcome and the wall time of ``run()``, after checking the container is gone."""
         label = str(uuid.uuid4())
@@ -264,7 +265,7 @@ FORK_BOMB = """
 def test_forks_stop_at_the_pids_limit(sandbox: Sandbox, tmp_path: Path) -> None:
     """Counting forks until EAGAIN: fewer than the limit succeed (the wrapper's own threads count too)."""
     bundle = write_bundle(tmp_path / "bundle", {"trace.py": FORK_COUNT})
-    outcome, _ = sandbox.run(bundle, limits=SandboxLimits(pids=32, timeout_s=5.0))
+    outcome, _ = sandbox.run(bundle, limits=Limits(pids=32, timeout_s=5.0))
     assert_ok(outcome)
     assert outcome.response["error"] == {"type": "BlockingIOError", "errno": errno.EAGAIN}
     assert 0 < outcome.response["forks"] < 32
@@ -273,7 +274,7 @@ def test_forks_stop_at_the_pids_limit(sandbox: Sandbox, tmp_path: Path) -> None:
 
 def test_fork_bomb_is_contained(sandbox: Sandbox, tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle", {"trace.py": FORK_BOMB})
-    outcome, wall = sandbox.run(bundle, limits=SandboxLimits(pids=32, timeout_s=5.0))
+    outcome, wall = sandbox.run(bundle, limits=Limits(pids=32, timeout_s=5.0))
     assert outcome.exit_reason in ("timeout", "error"), (outcome.exit_reason, outcome.error_message)
     assert wall < 5.0 + 10.0
     host_can_spawn()
@@ -289,7 +290,7 @@ MEMORY_BOMB = """
 
 def test_memory_bomb_ends_as_oom(sandbox: Sandbox, tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle", {"trace.py": MEMORY_BOMB})
-    outcome, _ = sandbox.run(bundle, limits=SandboxLimits(memory_mb=64, timeout_s=10.0))
+    outcome, _ = sandbox.run(bundle, limits=Limits(memory_mb=64, timeout_s=10.0))
     assert outcome.exit_reason == "oom", (outcome.exit_reason, outcome.error_message, outcome.logs[-2000:])
     assert outcome.error_type == "OutOfMemory"
     assert "64 MB" in (outcome.error_message or "")
@@ -354,7 +355,7 @@ STUBBORN_LOOP = """
                          ids=["loop", "loop-ignoring-sigterm"])
 def test_infinite_loop_ends_as_timeout(sandbox: Sandbox, tmp_path: Path, source: str, bound: float) -> None:
     bundle = write_bundle(tmp_path / "bundle", {"trace.py": source})
-    outcome, wall = sandbox.run(bundle, limits=SandboxLimits(timeout_s=3.0))
+    outcome, wall = sandbox.run(bundle, limits=Limits(timeout_s=3.0))
     assert outcome.exit_reason == "timeout", (outcome.exit_reason, outcome.error_message, outcome.logs[-2000:])
     assert outcome.error_message == "no answer within 3 s"
     assert wall < bound, f"run() took {wall:.2f} s for a 3 s timeout"
@@ -375,7 +376,7 @@ FLOOD = """
 
 def test_stdout_flood_is_truncated_and_the_worker_stays_healthy(sandbox: Sandbox, tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle", {"trace.py": FLOOD})
-    outcome, wall = sandbox.run(bundle, event={"mib": 100}, limits=SandboxLimits(timeout_s=30.0))
+    outcome, wall = sandbox.run(bundle, event={"mib": 100}, limits=Limits(timeout_s=30.0))
     assert_ok(outcome)
     assert outcome.response == {"written": 100 << 20}
     assert outcome.logs_truncated is True
@@ -726,7 +727,7 @@ def test_node_handler_forks_and_starts_workers(sandbox: Sandbox, tmp_path: Path)
         process.send({ argv: process.argv.slice(2), gateway: process.env.TRACE_GATEWAY });
         process.exit(0);
     """})
-    outcome, _ = sandbox.run(bundle, runtime="nodejs", limits=SandboxLimits(timeout_s=30.0))
+    outcome, _ = sandbox.run(bundle, runtime="nodejs", limits=Limits(timeout_s=30.0))
     assert_ok(outcome)
     assert outcome.response == {"forked": {"argv": ["arg"], "gateway": "unix:///run/trace/gateway.sock"},
                                 "worker": 42, "fromSnapshot": True}

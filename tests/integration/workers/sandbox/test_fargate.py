@@ -32,9 +32,10 @@ import boto3
 import pytest
 import requests
 
+from tracecore.dags.spec import Limits
 from tracecore.exceptions import PlatformError
 from tracecore.settings import Settings
-from workers.sandbox import REDACTED, Invocation, Outcome, SandboxLimits
+from workers.sandbox import REDACTED, Invocation, Outcome
 from workers.sandbox.fargate import (
     CONTAINER,
     CONTENT_TAG,
@@ -136,7 +137,7 @@ def make_invocation(tmp_path: Path, **limits: Any) -> Invocation:
     (bundle / "trace.py").write_text("def handler(event, context):\n    return {'rows': [event['task']['id']]}\n")
     return Invocation(bundle_dir=bundle, runtime="python3.11", handler="trace.handler",
                       event={"task": {"id": "t-7"}, "config": {"n": 1}}, work_dir=tmp_path / "work",
-                      limits=SandboxLimits(**limits), env={"TRACE_CAPABILITY_TOKEN": TOKEN},
+                      limits=Limits(**limits), env={"TRACE_CAPABILITY_TOKEN": TOKEN},
                       labels={"org.trace.task": "t-7"}, secrets=(TOKEN, PLATFORM_SECRET))
 
 
@@ -189,13 +190,13 @@ def result_line(**fields: Any) -> str:
 
 
 def test_sizes_map_limits_to_the_smallest_fargate_task() -> None:
-    assert fargate_size(SandboxLimits()) == ("256", "512")
-    assert fargate_size(SandboxLimits(cpu=0.25, memory_mb=128)) == ("256", "512")
-    assert fargate_size(SandboxLimits(cpu=0.5, memory_mb=3000)) == ("512", "3072")
-    assert fargate_size(SandboxLimits(cpu=1, memory_mb=512)) == ("1024", "2048")
-    assert fargate_size(SandboxLimits(cpu=0.25, memory_mb=4096)) == ("512", "4096")
+    assert fargate_size(Limits()) == ("256", "512")
+    assert fargate_size(Limits(cpu=0.25, memory_mb=128)) == ("256", "512")
+    assert fargate_size(Limits(cpu=0.5, memory_mb=3000)) == ("512", "3072")
+    assert fargate_size(Limits(cpu=1, memory_mb=512)) == ("1024", "2048")
+    assert fargate_size(Limits(cpu=0.25, memory_mb=4096)) == ("512", "4096")
     with pytest.raises(PlatformError):
-        fargate_size(SandboxLimits(cpu=64, memory_mb=512))
+        fargate_size(Limits(cpu=64, memory_mb=512))
 
 
 def test_from_settings_names_what_is_missing() -> None:
@@ -214,7 +215,7 @@ def test_the_deploy_template_is_what_the_backend_registers() -> None:
 def test_task_definition_is_locked_down_and_registered_once(aws: dict[str, Any], settings: Settings,
                                                              backend: FargateBackend) -> None:
     ecs = aws["client"]("ecs")
-    arn = backend.ensure_task_definition("python3.11", SandboxLimits())
+    arn = backend.ensure_task_definition("python3.11", Limits())
     described = ecs.describe_task_definition(taskDefinition=arn, include=["TAGS"])
     definition = described["taskDefinition"]
     assert definition["requiresCompatibilities"] == ["FARGATE"]
@@ -241,11 +242,11 @@ def test_task_definition_is_locked_down_and_registered_once(aws: dict[str, Any],
     assert aws["client"]("logs").describe_log_groups(logGroupNamePrefix="/trace/udf")["logGroups"]
 
     # Idempotent, also for a new worker with an empty cache: found again by its content tag.
-    again = FargateBackend.from_settings(settings).ensure_task_definition("python3.11", SandboxLimits())
+    again = FargateBackend.from_settings(settings).ensure_task_definition("python3.11", Limits())
     assert again == arn
     assert len(ecs.list_task_definitions(familyPrefix="trace-udf")["taskDefinitionArns"]) == 1
     # Other content (node image, more memory): a new revision of the same family.
-    node = backend.ensure_task_definition("nodejs", SandboxLimits(memory_mb=1024))
+    node = backend.ensure_task_definition("nodejs", Limits(memory_mb=1024))
     node_definition = ecs.describe_task_definition(taskDefinition=node)["taskDefinition"]
     assert node != arn and node_definition["family"] == "trace-udf"
     assert node_definition["containerDefinitions"][0]["image"] == f"{IMAGE_PREFIX}/trace-runtime-node:2024.1"
@@ -414,7 +415,7 @@ def test_reap_orphans_stops_tasks_of_dead_workers(aws: dict[str, Any], backend: 
                                                   transitions: Callable[[dict[str, Any]], None]) -> None:
     transitions(HOLD)
     ecs = aws["client"]("ecs")
-    definition = backend.ensure_task_definition("python3.11", SandboxLimits())
+    definition = backend.ensure_task_definition("python3.11", Limits())
     dead = subprocess.Popen(["true"])
     dead.wait()
     host = backend.started_by.rpartition("--")[0]

@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
+from tracecore.dags.spec import Limits
 from tracecore.exceptions import PlatformError
-from workers.sandbox import REDACTED, Invocation, Outcome, SandboxLimits
+from workers.sandbox import REDACTED, Invocation, Outcome
 from workers.sandbox.process import PID_DIR, WARNING, ProcessBackend, _start_ticks
 
 pytestmark = pytest.mark.slow
@@ -73,7 +74,7 @@ def invoke(backend: ProcessBackend, tmp_path: Path, source: str, *, runtime: str
     bundle = make_bundle(tmp_path, {name: source})
     invocation = Invocation(
         bundle_dir=bundle, runtime=runtime, handler=handler, event=event or {"task": {"id": "t-1"}},
-        work_dir=tmp_path / "sandboxes" / "work", limits=SandboxLimits(**limits),
+        work_dir=tmp_path / "sandboxes" / "work", limits=Limits(**limits),
         env={"TRACE_CAPABILITY_TOKEN": TOKEN}, secrets=(TOKEN, HOST_SECRET))
     return backend.run(invocation)
 
