@@ -157,15 +157,17 @@ def get_run(query: dict, run_id: str) -> ResponseReturnValue:
         db.session.rollback()  # no transaction held open while waiting
         caps = WaitCaps.of(current_settings())
         with SLOTS.hold(caps, principal.org_id, principal.user_id) as held:
-            if held:
-                _wait_for_finish(str(run.id), query["wait"])
-        headers = {"Trace-Wait": "held"} if held else {"Trace-Wait": "refused", "Retry-After": "1"}
+            ended = _wait_for_finish(str(run.id), query["wait"]) if held else ""
+        headers = ({"Trace-Wait": "held", "Trace-Wait-End": ended} if held
+                   else {"Trace-Wait": "refused", "Retry-After": "1"})
         run = runs.get_run(principal.org_id, run_id)
     return _run_out(run, detail=True, names=_job_names({run.job_id} if run.job_id else set())), 200, headers
 
 
-def _wait_for_finish(run_id: str, seconds: float) -> None:
-    """Block until the run-finished NOTIFY for ``run_id`` arrives or ``seconds`` pass.
+def _wait_for_finish(run_id: str, seconds: float) -> str:
+    """Block until the run-finished NOTIFY for ``run_id`` arrives or ``seconds`` pass; answers how
+    the wait ended (header ``Trace-Wait-End``): ``finished`` (before the wait began), ``notified``
+    or ``timeout``, so a client knows whether asking again makes sense.
 
     LISTEN first, then re-check the row: a run that finished in between is not missed.
     """
@@ -174,7 +176,8 @@ def _wait_for_finish(run_id: str, seconds: float) -> None:
         connection.execute(f"LISTEN {RUN_FINISHED_CHANNEL}")
         finished = connection.execute("SELECT finished_at IS NOT NULL FROM runs WHERE id = %s", (run_id,)).fetchone()
         if finished and finished[0]:
-            return
+            return "finished"
         for note in connection.notifies(timeout=seconds):
             if note.payload.startswith(run_id):
-                return
+                return "notified"
+    return "timeout"
