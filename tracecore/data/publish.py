@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -222,12 +222,15 @@ def _check_manifest(capability: Capability, manifest: Any) -> dict[str, Any]:
         raise ValidationError(f"the manifest lacks {', '.join(missing)}", path=f"manifest.{missing[0]}",
                               code="invalid_manifest", details={"missing": missing})
     checked = {name: manifest[name] for name in MANIFEST_FIELDS}
-    for name, kind in (("dataset", str), ("schema_fingerprint", str), ("sha256", str), ("key", str),
-                       ("task_id", str), ("row_count", int), ("fence", int)):
+    for name in ("dataset", "schema_fingerprint", "sha256", "key", "task_id"):
+        if not isinstance(checked[name], str):
+            raise ValidationError(f"manifest.{name} must be a string", path=f"manifest.{name}",
+                                  code="invalid_manifest")
+    for name in ("row_count", "fence"):
         value = checked[name]
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
-            raise ValidationError(f"manifest.{name} must be {'an integer >= 0' if kind is int else 'a string'}",
-                                  path=f"manifest.{name}", code="invalid_manifest")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValidationError(f"manifest.{name} must be an integer >= 0", path=f"manifest.{name}",
+                                  code="invalid_manifest")
     try:
         check_key(checked["key"])
     except ValueError as exc:
@@ -285,7 +288,8 @@ def _load(store: ObjectStore, dataset: datasets.Dataset, manifest: Mapping[str, 
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as exc:
         raise _Reject("unreadable_file", f"the file is not readable Parquet: {exc}") from None
-    table = pa.Table.from_arrays([column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+    # A dictionary-encoded column (a pandas categorical) is read as its values.
+    table = pa.Table.from_arrays([column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
                                   for column in table.columns], names=table.column_names)
     columns = dataset.schema if dataset.schema is not None else _columns_of(table, strict=True)
     declared = {column["name"]: column for column in columns}
@@ -405,7 +409,7 @@ def _write_hot(dataset: datasets.Dataset, table: pa.Table, strategy: str, org_id
     if ordered:
         table = table.append_column(_ORD, pa.array(range(table.num_rows), type=pa.int64()))
     ddl = ", ".join(f"{quote(c['name'])} {pg_column_type(c['type'])}" for c in dataset.schema or ())
-    raw = db.session.connection().connection.driver_connection
+    raw = cast("psycopg.Connection[Any]", db.session.connection().connection.driver_connection)
     params = {"org": org_id, "v": number}
     try:
         with raw.cursor() as cursor:
@@ -435,8 +439,9 @@ def _write_hot(dataset: datasets.Dataset, table: pa.Table, strategy: str, org_id
                 f"SELECT DISTINCT ON ({keys}) {cols}, %(org)s, %(v)s FROM {temp} ORDER BY {keys}, {_ORD} DESC "
                 f"ON CONFLICT (org_id, {keys}) {action} RETURNING (xmax = 0) AS fresh) "
                 "SELECT count(*) FILTER (WHERE fresh), count(*) FILTER (WHERE NOT fresh) FROM written", params)
-            fresh, changed = cursor.fetchone()
-            return int(fresh), int(changed)
+            counts = cursor.fetchone()
+            assert counts is not None  # an aggregate without GROUP BY answers one row
+            return int(counts[0]), int(counts[1])
     except psycopg.errors.DataError as exc:
         raise _Reject("invalid_value", f"a value does not fit its column: {str(exc).splitlines()[0]}") from None
 
@@ -477,7 +482,8 @@ def _write_files(store: ObjectStore, capability: Capability, dataset: datasets.D
         return files, "replace" if strategy == "replace" else "append", received, 0
     schema = arrow_schema(dataset.schema or [])
     numbered = table.append_column(_ORD, pa.array(range(received), type=pa.int64()))
-    pick = "max" if strategy == "upsert" else "min"  # upsert: the last row of a key wins; append: the first
+    # upsert: the last row of a key wins; append: the first
+    pick: Literal["max", "min"] = "max" if strategy == "upsert" else "min"
     chosen = numbered.group_by(keys).aggregate([(_ORD, pick)]).column(f"{_ORD}_{pick}")
     batch = numbered.take(chosen.sort()).drop_columns([_ORD])
     old = _current_rows(store, dataset, schema, keys if strategy == "append" else None)

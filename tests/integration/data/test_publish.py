@@ -339,6 +339,16 @@ def test_json_rows_of_every_kind_of_type_land_as_declared(dag: Tenant, grant: Gr
         (2, None, None, None, None, None)]
 
 
+def test_a_dictionary_encoded_column_lands_as_its_values(dag: Tenant, grant: Grant, store: ObjectStore) -> None:
+    # pandas' categoricals and pyarrow's dictionary_encode() write such columns; Parquet keeps the encoding.
+    _, capability = grant("emit")
+    table = events(("a", 1), ("b", 2), ("c", 3))
+    table = table.set_column(2, "note", table.column("note").dictionary_encode())
+    result = publish.buffer_publish(capability, write_batch(store, capability, "events", table, EVENTS), store=store)
+    assert (result.inserted, result.version) == (3, 1)
+    assert hot(dag.org_id, "events", "dedupe_key, note") == [("a", "n1"), ("b", "n2"), ("c", "n3")]
+
+
 def test_a_dataset_without_a_schema_takes_its_first_batch(dag: Tenant, grant: Grant, store: ObjectStore) -> None:
     _, capability = grant("loose")
     result = publish.publish_rows(capability, None, [{"block": 1, "hash": "0xab"}], store=store)
