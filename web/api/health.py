@@ -16,7 +16,9 @@ blp = Blueprint("health", __name__, description="Liveness of the API and what it
 _clients: dict[str, redis.Redis] = {}
 
 
-def _broker_ok(url: str) -> bool:
+def _broker_ok(url: str | None) -> bool:
+    if url is None:  # no broker configured is no broker to reach (a 503, not a 500)
+        return False
     client = _clients.get(url)
     if client is None:
         client = _clients[url] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)

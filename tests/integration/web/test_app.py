@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flask.testing import FlaskClient
 
 from tests.conftest import Tenant
+from tracecore.db.engine import db
+from tracecore.settings import Settings
+from web.app import create_app
 
 HELLO = "- name: hello\n  runtime: platform\n  operator: noop\n"
 
@@ -13,6 +18,17 @@ def test_healthz_answers_without_auth(client: FlaskClient) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.json == {"status": "ok", "checks": {"database": True, "broker": True}}
+
+
+def test_healthz_without_a_broker_is_unavailable_not_an_error(settings: Settings, clean_state: None) -> None:
+    # Settings type broker_url as optional (unset: embedded Redis); an app that got none reports it down.
+    app = create_app(replace(settings, broker_url=None))
+    with app.app_context():
+        response = app.test_client().get("/healthz")
+        db.session.remove()
+        db.engine.dispose()
+    assert response.status_code == 503
+    assert response.json == {"status": "unavailable", "checks": {"database": True, "broker": False}}
 
 
 def test_me_needs_a_token(client: FlaskClient, tenant: Tenant) -> None:
