@@ -33,6 +33,7 @@ images: docker
 test: install images
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 ## Benchmarks: each prints its figures beside a baseline measured in the same run.
@@ -42,6 +43,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .trace .pytest_cache .ruff_cache
+	rm -rf $(VENV) .trace .pytest_cache .ruff_cache .mypy_cache

@@ -81,6 +81,7 @@ def main() -> None:
                  headers={"Content-Type": "application/yaml"}).raise_for_status()
 
         from celery import Celery, chain
+        from celery.result import AsyncResult, ResultBase
 
         celery = Celery("bench", broker=settings.broker_url, backend=settings.broker_url)
         celery.conf.task_default_queue = "trace"
@@ -89,8 +90,8 @@ def main() -> None:
             last = chain(*[celery.signature("trace.clock", immutable=True) for _ in range(args.steps)]).apply_async()
             last.get(timeout=120)
             clocks = []
-            node = last
-            while node is not None:
+            node: ResultBase | None = last
+            while isinstance(node, AsyncResult):  # each link's result, back to the first
                 clocks.append(node.get(timeout=10))
                 node = node.parent
             clocks.reverse()

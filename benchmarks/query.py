@@ -206,7 +206,8 @@ def _through_api(settings: Settings, store: LocalObjectStore, keys: list[str]) -
             response = client.post("/v1/query", json={"sql": SQL.format(table="bench")}, headers=headers)
         if response.status_code != 200:
             raise SystemExit(f"/v1/query answered {response.status_code}: {response.json}")
-        return [(row["address"], row["n"], row["total"]) for row in response.json["rows"]]
+        answer = response.get_json()
+        return [(row["address"], row["n"], row["total"]) for row in answer["rows"]]
 
     return call
 

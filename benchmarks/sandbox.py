@@ -93,6 +93,7 @@ def main() -> None:
         from tracecore.tenancy import orgs
         from workers.dispatcher import execute
         from workers.sandbox import RUNTIME_IMAGES, Invocation
+        from workers.sandbox.docker import DockerBackend
         from workers.sandbox.select import backend_for
 
         app = create_base_app(settings)
@@ -111,6 +112,7 @@ def main() -> None:
             db.session.commit()
 
         backend = backend_for(settings)  # the worker's own backend: time its share of each attempt
+        assert isinstance(backend, DockerBackend)  # sandbox="docker" above
         backend_ms: list[float] = []
         run_backend = backend.run
 

@@ -19,6 +19,8 @@ def run(settings: Settings) -> None:
     flask_app = create_base_app(settings, name="trace-beat")
     celery = make_celery(flask_app)
     settings.home_path.mkdir(parents=True, exist_ok=True)
-    celery.Beat(loglevel="WARNING", quiet=True, scheduler_cls=scheduler_for(flask_app, settings.beat_poll_interval,
-                                                                        settings.trigger_sweep_interval),
-                max_interval=settings.beat_poll_interval).run()
+    scheduler_cls = scheduler_for(flask_app, settings.beat_poll_interval, settings.trigger_sweep_interval)
+    # Celery types these as str and int; it resolves a class as well as a dotted name (symbol_by_name),
+    # and the interval is seconds in float arithmetic.
+    celery.Beat(loglevel="WARNING", quiet=True, scheduler_cls=scheduler_cls,  # type: ignore[arg-type]
+                max_interval=settings.beat_poll_interval).run()  # type: ignore[arg-type]

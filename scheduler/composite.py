@@ -131,7 +131,7 @@ def evaluate(job: Job, now: datetime | None = None) -> uuid.UUID | None:
     if not is_composite(job):
         return None
     lock_job(job.id)
-    now = now or db.session.scalar(select(func.now()))
+    now = now or db.session.execute(select(func.now())).scalar_one()
     firings = list(db.session.scalars(select(TriggerFiring.created_at).where(
         TriggerFiring.job_id == job.id, TriggerFiring.key.startswith(PREFIX)).order_by(TriggerFiring.created_at)))
     since = firings[-1] if firings else job.created_at
@@ -166,7 +166,8 @@ def _composites(org_id: uuid.UUID | None, upstream: str | None = None, *, condit
     found = []
     for job in db.session.scalars(query):
         tree = job.spec.get("trigger")
-        if not is_composite(job) or (upstream is not None and upstream not in set(trigger_jobs(tree))):
+        if not is_composite(job) or not isinstance(tree, dict) or \
+                (upstream is not None and upstream not in set(trigger_jobs(tree))):
             continue
         if not conditions_only or _has_condition(tree):
             found.append(job.id)
@@ -197,8 +198,11 @@ def on_task_succeeded(org_id: uuid.UUID, job_name: str) -> list[uuid.UUID]:
 
 def on_dataset_updated(org_id: uuid.UUID, dataset_id: uuid.UUID) -> list[uuid.UUID]:
     """After an update of ``dataset_id``: evaluate the org's composites with conditions over it."""
-    reading = [job_id for job_id in _composites(org_id, conditions_only=True)
-               if dataset_id in {dataset.id for dataset in conditions.input_datasets(db.session.get(Job, job_id))}]
+    reading = []
+    for job_id in _composites(org_id, conditions_only=True):
+        job = db.session.get(Job, job_id)
+        if job is not None and dataset_id in {dataset.id for dataset in conditions.input_datasets(job)}:
+            reading.append(job_id)
     return _evaluate_all(reading)
 
 

@@ -260,7 +260,7 @@ def on_dataset_updated(dataset_id: uuid.UUID | str, version: int) -> list[uuid.U
         dataset = db.session.get(Dataset, uuid.UUID(str(dataset_id)))
         if dataset is None:
             return []
-        now = db.session.scalar(select(func.now()))
+        now = db.session.execute(select(func.now())).scalar_one()
         made: list[uuid.UUID] = []
         for job in _watchers(dataset.org_id):
             inputs = [d.id for d in conditions.input_datasets(job)]
@@ -283,7 +283,7 @@ def sweep(org_id: uuid.UUID | None = None, now: datetime | None = None) -> list[
         try:
             job = db.session.get(Job, job_id)
             if job is not None and job.deleted_at is None:
-                made += evaluate(job, now or db.session.scalar(select(func.now())))
+                made += evaluate(job, now or db.session.execute(select(func.now())).scalar_one())
             db.session.commit()
         except Exception:
             db.session.rollback()

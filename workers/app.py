@@ -47,7 +47,7 @@ def make_celery(flask_app: Flask) -> Celery:
             with flask_app.app_context():
                 return self.run(*args, **kwargs)
 
-    celery = Celery("trace", task_cls=FlaskTask, set_as_current=False)
+    celery: Celery = Celery("trace", task_cls=FlaskTask, set_as_current=False)
     celery.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from flask import Flask
 
@@ -56,7 +57,7 @@ class _BoundedReader:
     ``http.client`` bounds each header line (64 KB) and their number (100), not their sum.
     """
 
-    def __init__(self, raw: BinaryIO, budget: int) -> None:
+    def __init__(self, raw: io.BufferedIOBase, budget: int) -> None:
         self.raw = raw
         self.remaining = budget
 
@@ -78,9 +79,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
     timeout = CONNECTION_TIMEOUT_S  # replaced per server in setup()
     server: _Server
+    raw_requestline: bytes  # set by handle_one_request(), before parse_request()
 
     def setup(self) -> None:
-        self.timeout = self.server.connection_timeout
+        # typeshed makes timeout a ClassVar; StreamRequestHandler.setup() reads it from the instance.
+        self.timeout = self.server.connection_timeout  # type: ignore[misc]
         super().setup()
 
     def parse_request(self) -> bool:
@@ -156,7 +159,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         remaining = min(length, DRAIN_LIMIT)
         try:
             while remaining > 0:
-                chunk = self.rfile.read1(min(remaining, 1 << 16))  # type: ignore[attr-defined]
+                chunk = self.rfile.read1(min(remaining, 1 << 16))
                 if not chunk:
                     break
                 remaining -= len(chunk)
@@ -288,7 +291,7 @@ class TaskGateway:
         self.flask_app = flask_app
         self.expected_task_id = str(expected_task_id)
         self.secret = secret
-        self.limits = {"max_body_bytes": max_body_bytes, "connection_timeout": connection_timeout,
+        self.limits: dict[str, Any] = {"max_body_bytes": max_body_bytes, "connection_timeout": connection_timeout,
                        "max_connections": max_connections}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -4,7 +4,7 @@ Why: publishing through ``Celery.send_task`` costs about 0.4 ms, most of it komb
 new Redis client object for every message; on the manual-trigger path that is a tenth of the
 whole dispatch. The message is Celery's task protocol 2, exactly as kombu's Redis transport
 stores it (a JSON envelope around a base64 body, LPUSHed onto the queue's list), so the worker
-cannot tell the two apart; ``tests/unit/test_messages.py`` compares it with what ``send_task``
+cannot tell the two apart; ``tests/integration/workers/test_messages.py`` compares it with what ``send_task``
 writes, field by field, so a Celery or kombu upgrade that changes the format fails there.
 
 Only the plain case takes this path: a ``redis://``, ``rediss://`` or ``unix://`` broker, no
@@ -53,7 +53,7 @@ def task_message(celery: Celery, name: str, args: list[Any], *, ignore_result: b
     message_id = message_id or str(uuid.uuid4())
     body = json.dumps([args, {}, _EMBED]).encode()
     argsrepr = repr(args)
-    headers = {
+    headers: dict[str, Any] = {
         "lang": "py", "task": name, "id": message_id, "shadow": None, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": message_id,
         "parent_id": None, "argsrepr": argsrepr, "kwargsrepr": "{}", "origin": _origin(),

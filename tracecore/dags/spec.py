@@ -55,7 +55,8 @@ _JOB_KEYS = ("name", "activation", "runtime", "operator", "execution_strategy", 
 class OperatorInfo(Protocol):
     """What this module needs to know about an operator of the caller's catalog."""
 
-    needs_udf: bool
+    @property
+    def needs_udf(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,7 @@ class _Parser(TriggerRules):
             if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
                 self.first_index.setdefault(raw["name"], i)
                 if self.first_index[raw["name"]] == i:
-                    outputs = 0 if raw.get("outputs") is None else raw["outputs"]
+                    outputs: Any = 0 if raw.get("outputs") is None else raw["outputs"]  # not checked yet
                     if _KINDS["list"](outputs):
                         outputs = len(outputs)
                     valid = _KINDS["integer"](outputs) and outputs >= 0
@@ -414,7 +415,8 @@ class _Parser(TriggerRules):
             out["idle_timeout_s" if key == "idle_timeout" else key] = parse(value, f"{path}.{key}", i)
         if isinstance(out.get("outputs"), tuple):
             out["outputs"], out["output_datasets"] = len(out["outputs"]), out["outputs"]
-        elif isinstance(out.get("outputs"), int) and self.first_index.get(out.get("name")) == i:
+        elif isinstance(out.get("outputs"), int) and isinstance(out.get("name"), str) \
+                and self.first_index.get(out["name"]) == i:
             for k, declared in enumerate(default_output_datasets(out["name"], out["outputs"])):
                 self.claim_dataset(declared["dataset"], f"{path}.outputs", k)
         self.check_unique_key_columns(out, path)
@@ -532,7 +534,8 @@ class _Parser(TriggerRules):
                 if exists and count is not None and output >= count:
                     self.error("unknown_output", f"{item_path}.from.output",
                                f"job {job!r} has {count} output(s); output {output} does not exist")
-                refs.append(InputRef(job, output))
+                if isinstance(job, str):  # else an error is already recorded
+                    refs.append(InputRef(job, output))
         return tuple(refs)
 
     def job_unique_key(self, value: Any, path: str, i: int) -> tuple[str, ...] | None:

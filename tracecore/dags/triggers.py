@@ -127,10 +127,10 @@ def due_ticks(schedule: Schedule, now: datetime, after: datetime) -> list[dateti
         zone = ZoneInfo(schedule.timezone or "UTC")
         iterator = croniter(schedule.cron, now.astimezone(zone))
         for _ in range(want):
-            at = iterator.get_prev(datetime)
-            if at <= after:
+            tick = iterator.get_prev(datetime)
+            if tick <= after:
                 break
-            found.append(at.astimezone(UTC))
+            found.append(tick.astimezone(UTC))
     return sorted(found)
 
 

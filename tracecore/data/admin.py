@@ -48,7 +48,8 @@ def redact_rows(org_id: uuid.UUID, name: str, key_filter: Mapping[str, Any], *, 
                               code="invalid_key_filter", details={"unique_key": keys})
     table = ensure_hot_table(dataset)
     types = {column["name"]: pg_column_type(column["type"]) for column in dataset.schema or ()}
-    clauses, params = [], {"org": org_id}
+    clauses: list[str] = []
+    params: dict[str, Any] = {"org": org_id}
     for index, key in enumerate(keys):
         value = key_filter[key]
         if value is None or isinstance(value, (dict, list)):

@@ -173,10 +173,10 @@ def lineage_graph(org_id: uuid.UUID, asset: str | None = None) -> dict[str, Any]
             source = f"source:{edge.input_source}"
             nodes[source] = {"id": source, "type": "source", "name": edge.input_source}
         if edge.job_id is not None and f"job:{edge.job_id}" in nodes:
-            job = f"job:{edge.job_id}"
+            job_node = f"job:{edge.job_id}"
             if source is not None:
-                links.setdefault((source, job), set()).add(edge.output_version)
-            links.setdefault((job, output), set()).add(edge.output_version)
+                links.setdefault((source, job_node), set()).add(edge.output_version)
+            links.setdefault((job_node, output), set()).add(edge.output_version)
         elif source is not None:
             links.setdefault((source, output), set()).add(edge.output_version)
     return {"asset": f"dataset:{root.id}" if root is not None else None,

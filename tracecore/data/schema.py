@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import date
-from typing import Any
+from typing import Any, Literal, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pyarrow as pa
@@ -48,12 +48,16 @@ _ALIASES = {
     "i4": "int32", "i8": "int64", "u1": "uint8", "u2": "uint16", "u4": "uint32", "u8": "uint64",
     "date32[day]": "date32", "date64[ms]": "date64",
 }
-_SCALARS = {
+_SCALARS: dict[str, pa.DataType] = {
     "int8": pa.int8(), "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "uint8": pa.uint8(),
     "uint16": pa.uint16(), "uint32": pa.uint32(), "uint64": pa.uint64(), "float32": pa.float32(),
     "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string(), "large_string": pa.large_string(),
     "binary": pa.binary(), "large_binary": pa.large_binary(), "date32": pa.date32(), "date64": pa.date64(),
 }
+# The units the patterns below admit, as pyarrow's constructors spell them.
+_Unit = Literal["s", "ms", "us", "ns"]
+_Time32Unit = Literal["s", "ms"]
+_Time64Unit = Literal["us", "ns"]
 _TIMESTAMP = re.compile(r"timestamp\[\s*(s|ms|us|ns)\s*(?:,\s*tz\s*=\s*([^\]\s]+)\s*)?\]")
 _TIME = re.compile(r"(time32|time64)\[\s*(s|ms|us|ns)\s*\]")
 _DECIMAL = re.compile(r"(decimal128|decimal256|decimal)\(\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\)")
@@ -94,12 +98,12 @@ def _scalar(text: str) -> pa.DataType:
         unit, tz = match.groups()
         if tz is not None:
             _check_zone(tz)
-        return pa.timestamp(unit, tz=tz)
+        return pa.timestamp(cast(_Unit, unit), tz=tz)
     if match := _TIME.fullmatch(text):
         kind, unit = match.groups()
         if (kind == "time32") != (unit in ("s", "ms")):
             raise ValueError(f"{kind} takes {'s or ms' if kind == 'time32' else 'us or ns'}, not {unit}")
-        return pa.time32(unit) if kind == "time32" else pa.time64(unit)
+        return pa.time32(cast(_Time32Unit, unit)) if kind == "time32" else pa.time64(cast(_Time64Unit, unit))
     if match := _DECIMAL.fullmatch(text):
         kind, precision, scale = match.group(1), int(match.group(2)), int(match.group(3))
         if scale > precision:

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from flask_sqlalchemy import SQLAlchemy
@@ -21,6 +21,7 @@ from psycopg import OperationalError
 from psycopg.pq import ExecStatus, TransactionStatus
 from sqlalchemy import DateTime, Engine, MetaData, TextClause, Uuid, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import PoolProxiedConnection
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -115,6 +116,11 @@ def _first_row(cursor: psycopg.Cursor[Any]) -> dict[str, Any] | None:
     return {result.fname(index).decode(): value for index, value in enumerate(row)}  # type: ignore[union-attr]
 
 
+def _driver(pooled: PoolProxiedConnection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a pooled one (every engine here is psycopg's)."""
+    return cast("psycopg.Connection[Any]", pooled.dbapi_connection)
+
+
 def execute_one(statement: TextClause, params: dict[str, Any], *, durable: bool = True) -> dict[str, Any] | None:
     """Run one statement as its own transaction on :func:`autocommit_engine`; answers its first
     row as a dict, if it returns rows.
@@ -129,11 +135,11 @@ def execute_one(statement: TextClause, params: dict[str, Any], *, durable: bool 
     for retry in (False, True):
         connection = engine.raw_connection()
         try:
-            with connection.cursor() as cursor:
+            with _driver(connection).cursor() as cursor:
                 cursor.execute(sql, params)
                 return _first_row(cursor)
         except OperationalError:
-            if retry or not connection.dbapi_connection.broken:  # type: ignore[union-attr]
+            if retry or not _driver(connection).broken:
                 raise
             connection.invalidate()
             engine.dispose()  # its siblings in the pool died with it (a database restart): start afresh
@@ -158,7 +164,7 @@ class Batches:
 
     @property
     def _connection(self) -> psycopg.Connection[Any]:
-        return self._pooled.dbapi_connection  # type: ignore[return-value]
+        return _driver(self._pooled)
 
     def send(self, *statements: TextClause, params: dict[str, Any]) -> dict[str, Any] | None:
         """Run ``statements`` in order; answers the last one's first row."""

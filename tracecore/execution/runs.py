@@ -191,8 +191,8 @@ CREATE TRIGGER trace_{table}_transition BEFORE UPDATE ON {table}
 
 
 def all_transition_triggers_sql() -> str:
-    return "".join(transition_trigger_sql(table, transitions) for table, transitions in
-                   (("runs", RUN_TRANSITIONS), ("tasks", TASK_TRANSITIONS), ("attempts", ATTEMPT_TRANSITIONS)))
+    return (transition_trigger_sql("runs", RUN_TRANSITIONS) + transition_trigger_sql("tasks", TASK_TRANSITIONS)
+            + transition_trigger_sql("attempts", ATTEMPT_TRANSITIONS))
 
 
 def get_run(org_id: uuid.UUID, run_id: uuid.UUID | str) -> Run:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
+from typing import Any, BinaryIO, Literal, Protocol, cast, runtime_checkable
 
 from tracecore.exceptions import NotFound
 from tracecore.settings import Settings
@@ -128,7 +128,7 @@ _clients: dict[tuple[str, str | None, str], Any] = {}
 _clients_lock = threading.Lock()
 
 
-def aws_client(service: str, *, endpoint_url: str | None, region: str) -> Any:
+def aws_client(service: Literal["s3", "sts"], *, endpoint_url: str | None, region: str) -> Any:
     """One boto3 client per (service, endpoint, region) per process, created once under a lock.
 
     boto3 clients are thread-safe but creating one is not (the default session's loaders are

@@ -210,6 +210,7 @@ def _cold_source(con: duckdb.DuckDBPyConnection, store: ObjectStore, view: Datas
             return f"read_parquet([{', '.join(_literal(path) for path in paths)}], union_by_name = true)"
         s3_key = getattr(store, "s3_key", None)
         bucket = getattr(store, "bucket", None)
+        dataset: pads.Dataset
         if callable(s3_key) and isinstance(bucket, str):
             dataset = pads.dataset([f"{bucket}/{s3_key(key)}" for key in keys], format="parquet",
                                    filesystem=_s3_filesystem(store))

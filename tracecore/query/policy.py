@@ -46,8 +46,9 @@ MAX_SQL_CHARS = 100_000
 MAX_TREE_DEPTH = 500  # levels of json_serialize_sql's tree: ~165 levels of nested SQL (the walk recurses per level)
 _PATHLIKE = re.compile(r"[/\\:.]")
 # The checker's own connection: no data, nothing to load, a small memory limit.
-_CHECK_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
-                 "python_enable_replacements": False, "temp_directory": "", "memory_limit": "64MB", "threads": 1}
+_CHECK_CONFIG: dict[str, Any] = {
+    "autoinstall_known_extensions": False, "autoload_known_extensions": False, "python_enable_replacements": False,
+    "temp_directory": "", "memory_limit": "64MB", "threads": 1}
 
 
 class QueryError(UserError):

@@ -21,9 +21,9 @@ import importlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from flask import has_app_context
 from sqlalchemy import text
@@ -138,7 +138,15 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
     return {"error": body}
 
 
-def bearer_token(headers: Mapping[str, str]) -> str | None:
+class Headers(Protocol):
+    """What is read of a request's headers: a plain dict (the gateway) or werkzeug's Headers (the API)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
+def bearer_token(headers: Headers) -> str | None:
     """The token of ``Authorization: Bearer <token>``, whatever the header's case."""
     value = headers.get("Authorization")
     if value is None:
@@ -150,7 +158,7 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def authenticate(headers: Mapping[str, str], secret: bytes) -> Capability:
+def authenticate(headers: Headers, secret: bytes) -> Capability:
     token = bearer_token(headers)
     if token is None:
         raise Unauthenticated("send Authorization: Bearer <capability token>", code="missing_token")
@@ -206,7 +214,7 @@ def _ended_because(row: dict[str, Any] | None, fence: int) -> str | None:
     return None
 
 
-def dispatch(method: str, path: str, headers: Mapping[str, str], body_bytes: bytes, secret: bytes, *,
+def dispatch(method: str, path: str, headers: Headers, body_bytes: bytes, secret: bytes, *,
              expected_task_id: uuid.UUID | str | None = None) -> tuple[int, dict[str, Any]]:
     """Answer one task API request as (HTTP status, JSON body); never raises for a client's fault.
 

@@ -78,7 +78,7 @@ def _form() -> tuple[bytes, str, str]:
 @blp.response(201, BundleOut, description="A new bundle")
 @blp.alt_response(200, schema=BundleOut, description="The same bytes, runtime and handler were uploaded before: "
                                                      "the existing bundle")
-def upload_bundle() -> ResponseReturnValue:
+def upload_bundle() -> tuple[bundles.Bundle, int]:
     """Upload a zip. 201 with the new bundle; 200 with the existing one when the same bytes were
     already uploaded with the same runtime and handler (bundles are content-addressed, so an
     upload is idempotent). Invalid archives answer 400 with a precise code; a body over the
@@ -102,6 +102,6 @@ def list_bundles() -> ResponseReturnValue:
 
 @blp.route("/bundles/<bundle_id>")
 @blp.response(200, BundleOut)
-def get_bundle(bundle_id: str) -> ResponseReturnValue:
+def get_bundle(bundle_id: str) -> bundles.Bundle:
     principal = current()
     return bundles.get_bundle(principal.org_id, bundle_id)

@@ -97,4 +97,4 @@ def get_dag(name: str) -> ResponseReturnValue:
 def get_job(name: str) -> ResponseReturnValue:
     principal = current()
     job = dags.get_job(principal.org_id, name)
-    return _job_out(job, db.session.get(dags.Dag, job.dag_id).name)
+    return _job_out(job, db.session.get_one(dags.Dag, job.dag_id).name)

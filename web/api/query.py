@@ -90,7 +90,7 @@ def run_query(body: dict) -> ResponseReturnValue:
 @blp.arguments(SavedQueryIn)
 @blp.response(201, SavedQueryOut)
 @blp.doc(responses={"400": _ERROR, "409": _ERROR})
-def save_query(body: dict) -> ResponseReturnValue:
+def save_query(body: dict) -> saved_queries.SavedQuery:
     """Save a query, private to the caller or ``shared`` with the org. The SQL must be one
     SELECT (400 ``not_select``); a name already used by the caller is 409 ``saved_query_exists``."""
     principal = current()

@@ -171,7 +171,9 @@ def _wait_for_finish(run_id: str, seconds: float) -> str:
 
     LISTEN first, then re-check the row: a run that finished in between is not missed.
     """
-    url = libpq_url(current_settings().database_url)
+    database_url = current_settings().database_url
+    assert database_url is not None  # create_base_app refuses an app without one
+    url = libpq_url(database_url)
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(f"LISTEN {RUN_FINISHED_CHANNEL}")
         finished = connection.execute("SELECT finished_at IS NOT NULL FROM runs WHERE id = %s", (run_id,)).fetchone()

@@ -7,7 +7,7 @@ HMAC-SHA256 signature (``web.auth`` skips ``/v1/hooks/``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -19,7 +19,7 @@ from sqlalchemy import select
 from tracecore.dags import triggers
 from tracecore.dags.catalog import Job, get_job
 from tracecore.db.engine import db
-from tracecore.exceptions import NotFound
+from tracecore.exceptions import NotFound, PlatformError
 from tracecore.execution import runs
 from tracecore.settings import current_settings
 from tracecore.tenancy.orgs import Role
@@ -67,7 +67,10 @@ class FiringQuery(Schema):
 def _redis() -> redis.Redis:
     client = current_app.extensions.get("trace_redis")
     if client is None:
-        client = redis.Redis.from_url(current_settings().broker_url)
+        url = current_settings().broker_url
+        if url is None:  # the replay guard keeps its nonces in Redis
+            raise PlatformError("no broker is configured: webhooks cannot be verified")
+        client = redis.Redis.from_url(url)
         current_app.extensions["trace_redis"] = client
     return client
 
@@ -124,7 +127,7 @@ def resume_schedule(name: str) -> ResponseReturnValue:
 @blp.response(200, FiringOut(many=True))
 @blp.doc(description="The trigger ledger of a job, newest first: every update, batch, round and idle "
                      "period its data, refresh, idle and composite triggers consumed, and what became of it.")
-def list_firings(query: dict, name: str) -> ResponseReturnValue:
+def list_firings(query: dict, name: str) -> Sequence[triggers.TriggerFiring]:
     principal = current(Role.reader)
     job = get_job(principal.org_id, name)
     return db.session.scalars(select(triggers.TriggerFiring).where(triggers.TriggerFiring.job_id == job.id)
@@ -153,15 +156,16 @@ def receive_hook(trigger_id: str) -> ResponseReturnValue:
     triggers.verify_webhook(settings, trigger, request.headers.get("X-Trace-Timestamp"),
                             request.headers.get("X-Trace-Signature"), body, _redis())
     parameters = triggers.parse_body(body)
-    try:
-        runs.count_api_run(trigger.org_id, runs.RateLimit.of(settings))
-    except runs.RateLimited as exc:
-        return rate_limit_response(exc)
     job = db.session.get(Job, trigger.job_id)
     if job is None or job.deleted_at is not None:
         raise NotFound("the trigger's job no longer exists")
-    run_id, task_id = runs.create_run(org_id=trigger.org_id, job_name=job.name, cause="webhook",
-                                      triggered_by=None, parameters=parameters)
-    db.session.commit()
-    enqueue(current_app, task_id)
+    db.session.rollback()  # the run is made in its own transaction, as a manual trigger's
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        run_id, _ = runs.create_enqueued_run(org_id=trigger.org_id, job_name=job.name, cause="webhook",
+                                             triggered_by=None, parameters=parameters,
+                                             rate=runs.RateLimit.of(settings),
+                                             enqueue=lambda task_id: enqueue(app, task_id))
+    except runs.RateLimited as exc:
+        return rate_limit_response(exc)
     return {"run_id": run_id}

@@ -109,7 +109,7 @@ def _publish_returned(capability: tokens.Capability, rows: list[Any], store: Any
     Only platform faults (5xx) are retried: a dead-lettered batch or an undeclared dataset
     would be refused again, and a stale fence means another attempt owns the task.
     """
-    measured = {"peak_memory_bytes": outcome.peak_memory_bytes, "log_location": log_location}
+    measured: dict[str, Any] = {"peak_memory_bytes": outcome.peak_memory_bytes, "log_location": log_location}
     try:
         publish.publish_rows(capability, None, rows, store=store)
     except StaleFence as exc:

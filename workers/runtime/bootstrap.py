@@ -272,7 +272,7 @@ def _unbuffered_stdio() -> None:
             continue
         stream = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=old.encoding, errors=old.errors,
                                   newline="\n", line_buffering=False, write_through=True)
-        stream.mode = "w"
+        stream.mode = "w"  # type: ignore[misc]  # typeshed: read-only; a TextIOWrapper takes it, as io.open sets it
         _kept_streams.append(old)
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
@@ -317,7 +317,7 @@ def _finish_child(code: int) -> None:
     try:
         threading = sys.modules.get("threading")
         if threading is not None:
-            threading._shutdown()  # type: ignore[attr-defined]
+            threading._shutdown()
         import atexit
 
         atexit._run_exitfuncs()

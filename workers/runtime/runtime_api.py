@@ -56,7 +56,8 @@ class _DecoderSettings:
     parse_constant = _CONSTANTS.__getitem__
 
 
-_scan_once = _json.make_scanner(_DecoderSettings())
+# typeshed types the context as a make_scanner; the C scanner only reads the attributes above.
+_scan_once = _json.make_scanner(_DecoderSettings())  # type: ignore[arg-type]
 
 
 def json_loads(data: bytes | bytearray | str) -> Any:
@@ -237,7 +238,7 @@ class RuntimeAPIServer:
         self._poller = select.poll()
         self._poller.register(listener.fileno(), select.POLLIN)
         self._connections: dict[int, _Connection] = {}
-        self._watched: dict[int, Callable[[], None]] = {}
+        self._watched: dict[int, Callable[[], object]] = {}
         self._thread: Any = None
         self._wake: tuple[int, int] | None = None
         self._stopping = False
@@ -245,8 +246,8 @@ class RuntimeAPIServer:
 
     # -- the loop
 
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` from the loop whenever ``fd`` is readable."""
+    def watch(self, fd: int, callback: Callable[[], object]) -> None:
+        """Call ``callback`` from the loop whenever ``fd`` is readable (what it answers is dropped)."""
         self._watched[fd] = callback
         self._poller.register(fd, select.POLLIN)
 
@@ -322,7 +323,7 @@ class RuntimeAPIServer:
     def _accept(self) -> None:
         while True:
             try:
-                fd, _ = self._listener._accept()
+                fd, _ = self._listener._accept()  # type: ignore[attr-defined]  # in _socket, not in typeshed
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:

@@ -110,7 +110,8 @@ class DockerBackend:
             api.start(container)
             killed_from_outside = False
             try:
-                status = api.wait(container, timeout=invocation.limits.timeout_s + KILL_GRACE_S)
+                # types-docker says int; docker-py hands it to requests, which takes seconds as a float.
+                status = api.wait(container, timeout=invocation.limits.timeout_s + KILL_GRACE_S)  # type: ignore[arg-type]
             except (ReadTimeout, RequestsConnectionError):
                 killed_from_outside = True
                 _quietly(lambda: api.kill(container))

@@ -130,14 +130,14 @@ def from_wrapper(invocation: Invocation, result: dict[str, Any], common: dict[st
     secrets = invocation.secrets
     stack = error.get("stackTrace")
     stack_text = "\n".join(map(str, stack)) if isinstance(stack, list) else str(stack or "")
-    details = {"error_type": redact(str(error.get("errorType") or "Error"), secrets),
-               "error_message": redact(str(error.get("errorMessage") or ""), secrets),
-               "stack_trace": redact(stack_text, secrets)}
+    error_type = redact(str(error.get("errorType") or "Error"), secrets)
     if status == "ok":
         return Outcome("ok", response=result.get("response"), **common)
     if status in ("error", "init_error"):
-        reason = "result_too_large" if details["error_type"] == "result_too_large" else status
-        return Outcome(reason, **details, **common)
+        reason = "result_too_large" if error_type == "result_too_large" else status
+        message = redact(str(error.get("errorMessage") or ""), secrets)
+        return Outcome(reason, error_type=error_type, error_message=message, stack_trace=redact(stack_text, secrets),
+                       **common)
     if status == "timeout":
         return Outcome("timeout", error_type="Timeout",
                        error_message=f"no answer within {invocation.limits.timeout_s:g} s", **common)
