@@ -4,7 +4,7 @@ Why: publishing through ``Celery.send_task`` costs about 0.4 ms, most of it komb
 new Redis client object for every message; on the manual-trigger path that is a tenth of the
 whole dispatch. The message is Celery's task protocol 2, exactly as kombu's Redis transport
 stores it (a JSON envelope around a base64 body, LPUSHed onto the queue's list), so the worker
-cannot tell the two apart; ``tests/unit/test_messages.py`` compares it with what ``send_task``
+cannot tell the two apart; ``tests/integration/workers/test_messages.py`` compares it with what ``send_task``
 writes, field by field, so a Celery or kombu upgrade that changes the format fails there.
 
 Only the plain case takes this path: a ``redis://``, ``rediss://`` or ``unix://`` broker, no

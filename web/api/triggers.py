@@ -156,15 +156,16 @@ def receive_hook(trigger_id: str) -> ResponseReturnValue:
     triggers.verify_webhook(settings, trigger, request.headers.get("X-Trace-Timestamp"),
                             request.headers.get("X-Trace-Signature"), body, _redis())
     parameters = triggers.parse_body(body)
-    try:
-        runs.count_api_run(trigger.org_id, runs.RateLimit.of(settings))
-    except runs.RateLimited as exc:
-        return rate_limit_response(exc)
     job = db.session.get(Job, trigger.job_id)
     if job is None or job.deleted_at is not None:
         raise NotFound("the trigger's job no longer exists")
-    run_id, task_id = runs.create_run(org_id=trigger.org_id, job_name=job.name, cause="webhook",
-                                      triggered_by=None, parameters=parameters)
-    db.session.commit()
-    enqueue(current_app, task_id)
+    db.session.rollback()  # the run is made in its own transaction, as a manual trigger's
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        run_id, _ = runs.create_enqueued_run(org_id=trigger.org_id, job_name=job.name, cause="webhook",
+                                             triggered_by=None, parameters=parameters,
+                                             rate=runs.RateLimit.of(settings),
+                                             enqueue=lambda task_id: enqueue(app, task_id))
+    except runs.RateLimited as exc:
+        return rate_limit_response(exc)
     return {"run_id": run_id}
