@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError
 
-from tracecore.data.datasets import DatasetGrant, PiiGrant, ensure_hot_table, get_dataset, quote_identifier
+from tracecore.data import sql
+from tracecore.data.datasets import DatasetGrant, PiiGrant, ensure_hot_table, get_dataset
 from tracecore.data.schema import pg_column_type
 from tracecore.db.engine import db
 from tracecore.exceptions import Conflict, NotFound, ValidationError
@@ -48,18 +49,16 @@ def redact_rows(org_id: uuid.UUID, name: str, key_filter: Mapping[str, Any], *, 
                               code="invalid_key_filter", details={"unique_key": keys})
     table = ensure_hot_table(dataset)
     types = {column["name"]: pg_column_type(column["type"]) for column in dataset.schema or ()}
-    clauses: list[str] = []
     params: dict[str, Any] = {"org": org_id}
     for index, key in enumerate(keys):
         value = key_filter[key]
         if value is None or isinstance(value, (dict, list)):
             raise ValidationError(f"key {key!r} needs a scalar value", path=f"key.{key}", code="invalid_key_filter")
         params[f"k{index}"] = value if isinstance(value, str) else json.dumps(value)
-        clauses.append(f"{quote_identifier(key)} = CAST(CAST(:k{index} AS text) AS {types[key]})")
+    delete = sql.delete_by_key(table, [(key, types[key]) for key in keys])
     try:
         with db.session.begin_nested():
-            deleted = db.session.execute(text(f"DELETE FROM {quote_identifier(table)} WHERE org_id = :org AND "
-                                              + " AND ".join(clauses)), params).rowcount  # type: ignore[attr-defined]
+            deleted = db.session.execute(delete, params).rowcount  # type: ignore[attr-defined]
     except DataError:
         raise ValidationError("a key value does not fit its column's type", path="key",
                               code="invalid_key_filter") from None

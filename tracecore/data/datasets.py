@@ -58,6 +58,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
+from tracecore.data import sql
 from tracecore.data.schema import (
     DATASET_NAME_RE,
     KINDS,
@@ -285,12 +286,6 @@ def hot_table_name(dataset: Dataset) -> str:
     return f"ds_{dataset.id.hex}"
 
 
-def quote_identifier(identifier: str) -> str:
-    """A PostgreSQL quoted identifier. Those used here are platform-made (``ds_<hex>``) or
-    validated column names, so quoting is belt and braces (and keeps reserved words usable)."""
-    return '"' + identifier.replace('"', '""') + '"'
-
-
 def ensure_hot_table(dataset: Dataset) -> str:
     """Create (or bring in line) the hot table of a buffered dataset; answers its name.
 
@@ -307,54 +302,39 @@ def ensure_hot_table(dataset: Dataset) -> str:
                               path="kind", code="not_buffered")
     table = hot_table_name(dataset)
     signature = json.dumps({"schema": dataset.schema_fingerprint, "unique_key": list(dataset.unique_key)})
-    row = db.session.execute(text("SELECT to_regclass(:t) IS NOT NULL AS present, "
-                                  "obj_description(to_regclass(:t), 'pg_class') AS signature"), {"t": table}).one()
+    row = db.session.execute(sql.HOT_TABLE_STATE, {"t": table}).one()
     if row.present and row.signature == signature:
         return table
-    empty = not row.present or db.session.scalar(text(f"SELECT NOT EXISTS (SELECT 1 FROM {quote_identifier(table)})"))
+    empty = not row.present or db.session.scalar(sql.table_is_empty(table))
     if row.present and empty and dataset.latest_version == 0:
-        db.session.execute(text(f"DROP TABLE {quote_identifier(table)}"))
+        db.session.execute(sql.drop_table(table))
     if not row.present or (empty and dataset.latest_version == 0):
         _create_hot_table(dataset, table)
     else:
         _evolve_hot_table(dataset, table)
-    db.session.execute(text(f"COMMENT ON TABLE {quote_identifier(table)} IS {_literal(signature)}"))
+    db.session.execute(sql.comment_on_table(table, signature))
     return table
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _column_ddl(column: Mapping[str, Any]) -> str:
-    not_null = "" if column["nullable"] else " NOT NULL"
-    return f"{quote_identifier(column['name'])} {pg_column_type(column['type'])}{not_null}"
+    return sql.column_ddl(column["name"], pg_column_type(column["type"]), nullable=column["nullable"])
 
 
 def _create_hot_table(dataset: Dataset, table: str) -> None:
     assert dataset.schema is not None
-    parts = [_column_ddl(column) for column in dataset.schema]
-    parts += ["org_id uuid NOT NULL", "_version integer NOT NULL", "_inserted_at timestamptz NOT NULL DEFAULT now()"]
-    if dataset.unique_key:
-        keys = ", ".join(quote_identifier(key) for key in dataset.unique_key)
-        parts.append(f"CONSTRAINT {quote_identifier(f'uq_{table}_key')} UNIQUE (org_id, {keys})")
-    quoted = quote_identifier(table)
-    db.session.execute(text(f"CREATE TABLE {quoted} ({', '.join(parts)})"))
-    db.session.execute(text(f"CREATE INDEX {quote_identifier(f'ix_{table}_version')} ON {quoted} (org_id, _version)"))
+    for statement in sql.create_hot_table(table, [_column_ddl(column) for column in dataset.schema],
+                                          dataset.unique_key):
+        db.session.execute(statement)
 
 
 def _evolve_hot_table(dataset: Dataset, table: str) -> None:
     assert dataset.schema is not None
-    existing = {row.attname: row.attnotnull for row in db.session.execute(text(
-        "SELECT attname, attnotnull FROM pg_attribute WHERE attrelid = to_regclass(:t) AND attnum > 0 "
-        "AND NOT attisdropped"), {"t": table})}
-    quoted = quote_identifier(table)
+    existing = {row.attname: row.attnotnull for row in db.session.execute(sql.HOT_TABLE_COLUMNS, {"t": table})}
     for column in dataset.schema:
         if column["name"] not in existing:
-            db.session.execute(text(f"ALTER TABLE {quoted} ADD COLUMN {_column_ddl(column)}"))
+            db.session.execute(sql.add_column(table, _column_ddl(column)))
         elif column["nullable"] and existing[column["name"]]:
-            db.session.execute(text(f"ALTER TABLE {quoted} ALTER COLUMN {quote_identifier(column['name'])} "
-                                    "DROP NOT NULL"))
+            db.session.execute(sql.drop_not_null(table, column["name"]))
 
 
 # -- reading ---------------------------------------------------------------------
@@ -587,14 +567,6 @@ def views_for_condition(org_id: uuid.UUID, dataset_ids: Sequence[uuid.UUID], use
                    if dataset.schema is not None])
 
 
-_ACCOUNTABLE_USER = text("""
-SELECT coalesce(runs.triggered_by, dag_versions.created_by)
-FROM runs LEFT JOIN jobs ON jobs.id = runs.job_id
-LEFT JOIN dag_versions ON dag_versions.dag_id = jobs.dag_id AND dag_versions.version = jobs.dag_version
-WHERE runs.id = :run_id
-""")
-
-
 def _check_task_pii(capability: Any, pii: list[Dataset]) -> None:
     """A task reads a PII dataset only on behalf of a user who holds a grant for it: whoever
     triggered the run, or, for runs no one triggered (schedules, data), whoever saved the
@@ -603,7 +575,7 @@ def _check_task_pii(capability: Any, pii: list[Dataset]) -> None:
         run_id = uuid.UUID(str(capability.run_id))
     except ValueError:
         run_id = None
-    user_id = db.session.scalar(_ACCOUNTABLE_USER, {"run_id": run_id}) if run_id else None
+    user_id = db.session.scalar(sql.ACCOUNTABLE_USER, {"run_id": run_id}) if run_id else None
     granted = set() if user_id is None else set(db.session.scalars(
         select(PiiGrant.dataset_id).where(PiiGrant.user_id == user_id,
                                           PiiGrant.dataset_id.in_([d.id for d in pii]))))
@@ -620,9 +592,7 @@ def _views(pins: Sequence[tuple[str, Dataset, int | None]]) -> list[DatasetView]
         select(DatasetVersion.dataset_id, DatasetVersion.version, DatasetVersion.manifest)
         .where(tuple_(DatasetVersion.dataset_id, DatasetVersion.version).in_(wanted)))} if wanted else {}
     hot_names = [hot_table_name(dataset) for _, dataset, _ in pins if dataset.kind == "buffered"]
-    present = set(db.session.scalars(text("SELECT name FROM unnest(CAST(:names AS text[])) AS name "
-                                          "WHERE to_regclass(name) IS NOT NULL"), {"names": hot_names})) \
-        if hot_names else set()
+    present = set(db.session.scalars(sql.PRESENT_TABLES, {"names": hot_names})) if hot_names else set()
     views = []
     for name, dataset, version in pins:
         if version is not None and (dataset.id, version) not in manifests:

@@ -43,13 +43,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from flask import current_app
-from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, Uuid, select, text
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, Uuid, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tracecore.dags.catalog import Job
 from tracecore.dags.spec import default_output_datasets
-from tracecore.data import datasets
+from tracecore.data import datasets, sql
 from tracecore.data.batches import encode, rows_table
 from tracecore.data.lineage import record_lineage
 from tracecore.data.schema import arrow_schema, normalize_schema, pg_column_type, type_name
@@ -67,7 +67,7 @@ from tracecore.taskapi.calls import authenticate_token, register
 STRATEGIES = ("append", "replace", "upsert")
 MANIFEST_FIELDS = ("dataset", "schema_fingerprint", "row_count", "sha256", "key", "task_id", "fence")
 _COPY_CHUNK = 1 << 20
-_ORD = "__trace_ord"
+_ORD = sql.ORDER_COLUMN
 
 
 class DeadLetter(Base):
@@ -243,10 +243,8 @@ def _check_manifest(capability: Capability, manifest: Any) -> dict[str, Any]:
 
 
 def _target(capability: Capability) -> _Target:
-    row = db.session.execute(text(
-        "SELECT t.job_id, t.partition_key, j.name, j.spec, a.id AS attempt_id FROM tasks t "
-        "JOIN jobs j ON j.id = t.job_id LEFT JOIN attempts a ON a.task_id = t.id AND a.fence = :fence "
-        "WHERE t.id = :task AND t.org_id = :org"),
+    row = db.session.execute(
+        sql.PUBLISH_TARGET,
         {"task": uuid.UUID(capability.task_id), "org": uuid.UUID(capability.org_id), "fence": capability.fence}
     ).one_or_none()
     if row is None:
@@ -399,46 +397,30 @@ def _write_hot(dataset: datasets.Dataset, table: pa.Table, strategy: str, org_id
     """COPY the batch into a temp table, then one INSERT ... SELECT into the hot table; (inserted, updated)."""
     import psycopg
 
-    hot = datasets.quote_identifier(datasets.ensure_hot_table(dataset))
-    quote = datasets.quote_identifier
+    hot = datasets.ensure_hot_table(dataset)
     names = [column["name"] for column in dataset.schema or ()]
-    cols = ", ".join(quote(name) for name in names)
-    keys = ", ".join(quote(key) for key in dataset.unique_key)
-    temp = quote(f"_publish_{uuid.uuid4().hex}")
+    keys = dataset.unique_key
+    temp = f"_publish_{uuid.uuid4().hex}"
     ordered = strategy == "upsert"
     if ordered:
         table = table.append_column(_ORD, pa.array(range(table.num_rows), type=pa.int64()))
-    ddl = ", ".join(f"{quote(c['name'])} {pg_column_type(c['type'])}" for c in dataset.schema or ())
+    columns = [(c["name"], pg_column_type(c["type"])) for c in dataset.schema or ()]
     raw = cast("psycopg.Connection[Any]", db.session.connection().connection.driver_connection)
     params = {"org": org_id, "v": number}
     try:
         with raw.cursor() as cursor:
-            # The INSERT sorts the batch by key (index locality); let that sort stay in memory.
-            cursor.execute("SET LOCAL work_mem = '256MB'")
-            cursor.execute(f"CREATE TEMP TABLE {temp} ({ddl}{f', {_ORD} bigint' if ordered else ''}) ON COMMIT DROP")
+            cursor.execute(sql.PUBLISH_WORK_MEM)
+            cursor.execute(sql.create_temp_table(temp, columns, ordered=ordered))
             _copy(cursor, temp, table)
             if strategy == "replace":
-                cursor.execute(f"DELETE FROM {hot} WHERE org_id = %(org)s", params)
-            insert = f"INSERT INTO {hot} AS t ({cols}, org_id, _version) SELECT {cols}, %(org)s, %(v)s FROM {temp}"
-            if not dataset.unique_key:
-                cursor.execute(insert, params)
+                cursor.execute(sql.delete_org_rows(hot), params)
+            if not keys:
+                cursor.execute(sql.insert_all(hot, temp, names), params)
                 return cursor.rowcount, 0
             if strategy != "upsert":
-                cursor.execute(f"{insert} ORDER BY {keys} ON CONFLICT (org_id, {keys}) DO NOTHING", params)
+                cursor.execute(sql.insert_new(hot, temp, names, keys), params)
                 return cursor.rowcount, 0
-            others = [quote(name) for name in names if name not in dataset.unique_key]
-            if others:
-                action = (f"DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in others)}, "
-                          "_version = EXCLUDED._version, _inserted_at = now() "
-                          f"WHERE ROW({', '.join(f't.{c}' for c in others)}) IS DISTINCT FROM "
-                          f"ROW({', '.join(f'EXCLUDED.{c}' for c in others)})")
-            else:
-                action = "DO NOTHING"
-            cursor.execute(
-                f"WITH written AS (INSERT INTO {hot} AS t ({cols}, org_id, _version) "
-                f"SELECT DISTINCT ON ({keys}) {cols}, %(org)s, %(v)s FROM {temp} ORDER BY {keys}, {_ORD} DESC "
-                f"ON CONFLICT (org_id, {keys}) {action} RETURNING (xmax = 0) AS fresh) "
-                "SELECT count(*) FILTER (WHERE fresh), count(*) FILTER (WHERE NOT fresh) FROM written", params)
+            cursor.execute(sql.upsert(hot, temp, names, keys), params)
             counts = cursor.fetchone()
             assert counts is not None  # an aggregate without GROUP BY answers one row
             return int(counts[0]), int(counts[1])
@@ -454,18 +436,17 @@ def _csv_safe(kind: pa.DataType) -> bool:
 
 def _copy(cursor: Any, temp: str, table: pa.Table) -> None:
     """COPY the table into ``temp``: Arrow's C++ CSV writer when every type allows (fast), else row by row."""
-    columns = ", ".join(datasets.quote_identifier(name) for name in table.column_names)
     if all(_csv_safe(field.type) for field in table.schema):
         sink = io.BytesIO()
         pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False))
         view = sink.getbuffer()
-        with cursor.copy(f"COPY {temp} ({columns}) FROM STDIN (FORMAT csv)") as copy:
+        with cursor.copy(sql.copy_into(temp, table.column_names, csv=True)) as copy:
             for offset in range(0, len(view), _COPY_CHUNK):
                 copy.write(view[offset:offset + _COPY_CHUNK])
         view.release()
         return
     values = [column.to_pylist() for column in table.columns]
-    with cursor.copy(f"COPY {temp} ({columns}) FROM STDIN") as copy:
+    with cursor.copy(sql.copy_into(temp, table.column_names, csv=False)) as copy:
         for row in zip(*values, strict=True):
             copy.write_row(row)
 
