@@ -42,10 +42,10 @@ from sqlalchemy import (
     Uuid,
     func,
     select,
-    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from tracecore.dags import sql
 from tracecore.dags.catalog import Job, Schedule, get_job, sync_schedules
 from tracecore.db.engine import Base, created_at, db, uuid_pk
 from tracecore.exceptions import NotFound, Unauthenticated, ValidationError
@@ -134,13 +134,6 @@ def due_ticks(schedule: Schedule, now: datetime, after: datetime) -> list[dateti
     return sorted(found)
 
 
-_INSERT_TICK = text("""
-INSERT INTO scheduled_ticks (id, org_id, job_id, scheduled_for)
-VALUES (:id, :org_id, :job_id, :scheduled_for)
-ON CONFLICT (job_id, scheduled_for) DO NOTHING RETURNING id
-""")
-
-
 def fire_due(now: datetime | None = None) -> list[uuid.UUID]:
     """Fire every live schedule's due ticks; answers the task ids to enqueue after the commit.
 
@@ -163,14 +156,13 @@ def fire_due(now: datetime | None = None) -> list[uuid.UUID]:
         after = last or schedule.created_at
         fired: list[uuid.UUID] = []
         for at in due_ticks(schedule, now, after):
-            tick_id = db.session.execute(_INSERT_TICK, {"id": uuid.uuid4(), "org_id": schedule.org_id,
-                                                        "job_id": schedule.job_id, "scheduled_for": at}).scalar()
+            tick_id = db.session.execute(sql.INSERT_TICK, {"id": uuid.uuid4(), "org_id": schedule.org_id,
+                                                           "job_id": schedule.job_id, "scheduled_for": at}).scalar()
             if tick_id is None:
                 continue  # another beat fired this tick
             run_id, task_id = runs.create_run(org_id=schedule.org_id, job_name=job_name, cause="schedule",
                                               triggered_by=None, parameters={"scheduled_for": at.isoformat()})
-            db.session.execute(text("UPDATE scheduled_ticks SET run_id = :run_id WHERE id = :id"),
-                               {"run_id": run_id, "id": tick_id})
+            db.session.execute(sql.SET_TICK_RUN, {"run_id": run_id, "id": tick_id})
             fired.append(task_id)
         db.session.commit()  # a schedule's ticks commit with their runs, together
         task_ids.extend(fired)
