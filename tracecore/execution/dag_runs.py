@@ -15,13 +15,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from tracecore.dags.catalog import Dag, Job, get_dag
 from tracecore.dags.spec import DagSpec, JobSpec
 from tracecore.db.engine import db, execute_one
 from tracecore.exceptions import Conflict, NotFound, ValidationError
-from tracecore.execution.lease import RUN_FINISHED_CHANNEL
+from tracecore.execution import sql
 from tracecore.execution.runs import TERMINAL_TASK_STATES, Run, Task, get_run, tasks_of
 from tracecore.execution.states import Gate, TaskState
 
@@ -215,20 +215,9 @@ def start_dag(org_id: uuid.UUID, dag_name: str, *, triggered_by: uuid.UUID | Non
 
 # --- the gate, used by the canvas task on the worker ---------------------------------------------------------
 
-# One row: the task's state and spec, and the (job, state) of the run's other tasks. Run on the
-# autocommit connection (no session BEGIN/COMMIT): the gate sits on every hand-off of a DAG run.
-_UPSTREAM_STATES = text("""
-SELECT t.state, j.spec,
-       (SELECT coalesce(json_agg(json_build_array(uj.name, up.state)), '[]') FROM tasks AS up
-        JOIN jobs AS uj ON uj.id = up.job_id WHERE up.run_id = t.run_id AND up.id <> t.id) AS others
-FROM tasks AS t JOIN jobs AS j ON j.id = t.job_id
-WHERE t.id = :task_id
-""")
-
-
 def gate(task_id: str) -> Gate:
     """Whether a task of a DAG run may be leased now (see :class:`Gate`)."""
-    row = execute_one(_UPSTREAM_STATES, {"task_id": task_id})
+    row = execute_one(sql.UPSTREAM_STATES, {"task_id": task_id})
     if row is None or row["state"] in TERMINAL_TASK_STATES:
         return Gate.DONE
     upstream = set(JobSpec.from_dict(row["spec"]).dependencies())
@@ -241,24 +230,6 @@ def gate(task_id: str) -> Gate:
 def task_state(task_id: str) -> str | None:
     db.session.rollback()
     return db.session.scalar(select(Task.state).where(Task.id == uuid.UUID(task_id)))
-
-
-_CANCEL = text(f"""
-WITH canceled AS (
-  UPDATE tasks SET state = 'canceled', finished_at = now(), updated_at = now(), last_error = :why,
-         lease_owner = NULL, lease_expires_at = NULL
-  WHERE id = ANY(CAST(:ids AS uuid[])) AND state IN ('queued', 'retrying')
-  RETURNING run_id
-), n AS (SELECT count(*) AS n FROM canceled), run AS (
-  UPDATE runs SET open_tasks = open_tasks - n.n, failed_tasks = failed_tasks + n.n,
-         state = CASE WHEN open_tasks > n.n THEN state ELSE 'failed' END,
-         finished_at = CASE WHEN open_tasks > n.n THEN finished_at ELSE now() END
-  FROM n WHERE runs.id = :run_id AND n.n > 0 AND runs.state NOT IN ('succeeded', 'failed', 'canceled')
-  RETURNING runs.id, runs.state, runs.finished_at IS NOT NULL AS finished
-)
-SELECT (SELECT n FROM n) AS canceled,
-       (SELECT pg_notify('{RUN_FINISHED_CHANNEL}', id::text || ' ' || state) FROM run WHERE finished) AS notified
-""")
 
 
 def queued_tasks_of_run(task_id: str) -> list[str]:
@@ -284,7 +255,7 @@ def cancel_downstream(task_id: str, *, include_self: bool = False) -> int:
     if not ids:
         db.session.rollback()
         return 0
-    row = db.session.execute(_CANCEL, {"ids": ids, "run_id": task.run_id,
-                                       "why": f"canceled: upstream job {failed!r} failed"}).one()
+    row = db.session.execute(sql.CANCEL_DOWNSTREAM, {"ids": ids, "run_id": task.run_id,
+                                                     "why": f"canceled: upstream job {failed!r} failed"}).one()
     db.session.commit()
     return int(row.canceled or 0)

@@ -1,9 +1,10 @@
-"""The hot path's SQL of execution, in one place: the lease (take, renew, close, fence, reap) and the
-creation of a run (one statement, or the admitted and enqueued path of ``runs.create_enqueued_run``).
+"""The hot path's SQL of execution, in one place: the lease (take, renew, close, fence, reap), the
+creation of a run (one statement, or the admitted and enqueued path of ``runs.create_enqueued_run``)
+and a DAG run's gate and cancellation.
 
 Each statement is one round trip that does all its work in the server; the comments say why
-each is shaped as it is. The states they spell are those of ``states.py``. ``lease.py`` and
-``runs.py`` say when each runs.
+each is shaped as it is. The states they spell are those of ``states.py``. ``lease.py``,
+``runs.py`` and ``dag_runs.py`` say when each runs.
 """
 
 from __future__ import annotations
@@ -252,3 +253,36 @@ INSERT_ADMITTED = text(f"""WITH job AS (
   SELECT {_JOB_COLUMNS} FROM jobs WHERE id = :job_id AND deleted_at IS NULL
 ), {_RUN_AND_TASK.format(admitted='true')} SELECT id FROM task""")
 COUNT_RUN = text(f"WITH {_RATE} SELECT runs, retry_after FROM rate")
+
+
+# -- DAG runs (dag_runs.py) ------------------------------------------------------------------------
+
+# One row: the task's state and spec, and the (job, state) of the run's other tasks. Run on the
+# autocommit connection (no session BEGIN/COMMIT): the gate (``dag_runs.gate``) sits on every
+# hand-off of a DAG run.
+UPSTREAM_STATES = text("""
+SELECT t.state, j.spec,
+       (SELECT coalesce(json_agg(json_build_array(uj.name, up.state)), '[]') FROM tasks AS up
+        JOIN jobs AS uj ON uj.id = up.job_id WHERE up.run_id = t.run_id AND up.id <> t.id) AS others
+FROM tasks AS t JOIN jobs AS j ON j.id = t.job_id
+WHERE t.id = :task_id
+""")
+
+# A DAG run's open tasks downstream of a dead-lettered one (``dag_runs.cancel_downstream``): each
+# canceled task is counted as failed; the run finishes ``failed`` when none is left open.
+CANCEL_DOWNSTREAM = text(f"""
+WITH canceled AS (
+  UPDATE tasks SET state = 'canceled', finished_at = now(), updated_at = now(), last_error = :why,
+         lease_owner = NULL, lease_expires_at = NULL
+  WHERE id = ANY(CAST(:ids AS uuid[])) AND state IN ('queued', 'retrying')
+  RETURNING run_id
+), n AS (SELECT count(*) AS n FROM canceled), run AS (
+  UPDATE runs SET open_tasks = open_tasks - n.n, failed_tasks = failed_tasks + n.n,
+         state = CASE WHEN open_tasks > n.n THEN state ELSE 'failed' END,
+         finished_at = CASE WHEN open_tasks > n.n THEN finished_at ELSE now() END
+  FROM n WHERE runs.id = :run_id AND n.n > 0 AND runs.state NOT IN ('succeeded', 'failed', 'canceled')
+  RETURNING runs.id, runs.state, runs.finished_at IS NOT NULL AS finished
+)
+SELECT (SELECT n FROM n) AS canceled,
+       (SELECT pg_notify('{RUN_FINISHED_CHANNEL}', id::text || ' ' || state) FROM run WHERE finished) AS notified
+""")
