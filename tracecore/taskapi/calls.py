@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flask import has_app_context
-from sqlalchemy import text
 
 from tracecore.db.engine import db, execute_one
 from tracecore.exceptions import NotFound, PermissionDenied, StaleFence, TraceError, Unauthenticated, UserError
 from tracecore.execution import lease
 from tracecore.execution.tokens import Capability, verify
 from tracecore.infra import strict_json
+from tracecore.taskapi import sql
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +165,6 @@ def authenticate(headers: Headers, secret: bytes) -> Capability:
     return authenticate_token(token, secret)
 
 
-# Whether the token's attempt is still the task's live one: one indexed lookup (tasks by id,
-# attempts by the unique (task_id, fence)), on its own autocommit connection so that it holds no
-# transaction open in the handler's session.
-_ATTEMPT_LIVE = text("""
-SELECT tasks.fence AS task_fence, tasks.state AS task_state,
-       tasks.lease_expires_at IS NOT NULL AND tasks.lease_expires_at > now() AS lease_live,
-       attempts.state AS attempt_state
-FROM tasks LEFT JOIN attempts ON attempts.task_id = tasks.id AND attempts.fence = :fence
-WHERE tasks.id = :task_id AND tasks.org_id = :org_id AND tasks.run_id = :run_id
-""")
-
-
 def authenticate_token(token: str, secret: bytes) -> Capability:
     """The token's capability, only while its attempt is live; else :class:`Unauthenticated`.
 
@@ -194,7 +182,7 @@ def authenticate_token(token: str, secret: bytes) -> Capability:
                   "run_id": uuid.UUID(capability.run_id), "fence": capability.fence}
     except ValueError:
         raise Unauthenticated("the token's claims name no task", code="invalid_token") from None
-    row = execute_one(_ATTEMPT_LIVE, params, durable=False)
+    row = execute_one(sql.ATTEMPT_LIVE, params, durable=False)
     reason = _ended_because(row, capability.fence)
     if reason is not None:
         raise Unauthenticated("the capability token's attempt has ended; a token works only while its attempt "

@@ -36,13 +36,13 @@ from sqlalchemy import (
     false,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tracecore.db.engine import Base, created_at, db, execute_one, uuid_pk
 from tracecore.exceptions import Conflict, NotFound, PermissionDenied, Unauthenticated, ValidationError
+from tracecore.tenancy import sql
 
 TOKEN_PREFIX = "trc_"
 
@@ -258,17 +258,6 @@ def tokens_of(org_id: uuid.UUID, user_id: uuid.UUID | None = None) -> list[tuple
     return [(token, email) for token, email in db.session.execute(query)]
 
 
-_AUTHENTICATE = text("""
-SELECT api_tokens.id, api_tokens.org_id, api_tokens.user_id, memberships.role,
-       api_tokens.installation_admin AND users.is_installation_admin AS is_installation_admin,
-       EXTRACT(EPOCH FROM api_tokens.expires_at - now()) AS expires_in
-FROM api_tokens
-JOIN memberships ON memberships.org_id = api_tokens.org_id AND memberships.user_id = api_tokens.user_id
-JOIN users ON users.id = api_tokens.user_id
-WHERE api_tokens.token_hash = :token_hash AND api_tokens.revoked_at IS NULL
-  AND (api_tokens.expires_at IS NULL OR api_tokens.expires_at > now())
-""")
-
 # token hash -> (monotonic deadline, principal): tokens this process authenticated lately.
 _recent: dict[str, tuple[float, Principal]] = {}
 _RECENT_MAX = 10_000
@@ -288,7 +277,7 @@ def authenticate(clear: str, *, trust_for: float = 0.0) -> Principal:
         recent = _recent.get(token_hash)
         if recent is not None and recent[0] > time.monotonic():
             return recent[1]
-    row = execute_one(_AUTHENTICATE, {"token_hash": token_hash})
+    row = execute_one(sql.AUTHENTICATE, {"token_hash": token_hash})
     if row is None:
         _recent.pop(token_hash, None)
         raise Unauthenticated("unknown, revoked or expired token")
