@@ -45,6 +45,7 @@ const v8 = require('v8');
 const Module = require('module');
 
 const RUNTIME_DIR = __dirname;
+const VETTED_NODE_MODULES = path.join(path.dirname(RUNTIME_DIR), 'node_modules');  // deploy/images/node-libraries.txt (build.sh)
 const MAX_RESPONSE_BYTES = 6 * 1024 * 1024;  // Lambda's synchronous payload limit
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const DEFAULT_GATEWAY = 'unix:///run/trace/gateway.sock';
@@ -81,7 +82,9 @@ function peakMemoryBytes() {
 
 function handlerEnvironment(wrapperEnv, handler, taskRoot, requestId) {
   const name = wrapperEnv.TRACE_FUNCTION_NAME || 'trace-udf';
-  const searchPath = `${taskRoot}:${RUNTIME_DIR}`;  // the SDK importable without vendoring it
+  // The SDK importable without vendoring it, then the image's vetted libraries (deploy/images/node-libraries.txt):
+  // after the bundle's own node_modules, which Node searches before NODE_PATH (Lambda's layer precedence).
+  const searchPath = `${taskRoot}:${RUNTIME_DIR}:${VETTED_NODE_MODULES}`;
   const env = {
     _HANDLER: handler,
     LAMBDA_TASK_ROOT: taskRoot,
