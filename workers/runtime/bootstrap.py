@@ -73,7 +73,8 @@ from runtime_api import (  # noqa: E402 - needs the line above
 )
 
 PYTHON_LOOP = os.path.join(RUNTIME_DIR, "python_loop.py")
-VETTED_NODE_MODULES = "/opt/trace/node_modules"  # deploy/images/node-libraries.txt, installed by build.sh
+# deploy/images/node-libraries.txt, installed by build.sh beside the runtime dir (/opt/trace/node_modules)
+VETTED_NODE_MODULES = os.path.join(os.path.dirname(RUNTIME_DIR), "node_modules")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_GATEWAY = "unix:///run/trace/gateway.sock"
 RESULT_MARKER = "__TRACE_RESULT__"

@@ -82,9 +82,7 @@ function peakMemoryBytes() {
 
 function handlerEnvironment(wrapperEnv, handler, taskRoot, requestId) {
   const name = wrapperEnv.TRACE_FUNCTION_NAME || 'trace-udf';
-  // The SDK importable without vendoring it, then the image's vetted libraries (deploy/images/node-libraries.txt):
-  // after the bundle's own node_modules, which Node searches before NODE_PATH (Lambda's layer precedence).
-  const searchPath = `${taskRoot}:${RUNTIME_DIR}:${VETTED_NODE_MODULES}`;
+  const searchPath = `${taskRoot}:${RUNTIME_DIR}`;  // the SDK importable without vendoring it
   const env = {
     _HANDLER: handler,
     LAMBDA_TASK_ROOT: taskRoot,
@@ -102,7 +100,9 @@ function handlerEnvironment(wrapperEnv, handler, taskRoot, requestId) {
     HOME: '/tmp',
     TRACE_GATEWAY: wrapperEnv.TRACE_GATEWAY || DEFAULT_GATEWAY,
     PYTHONPATH: searchPath,
-    NODE_PATH: searchPath,
+    // Then the image's vetted libraries (deploy/images/node-libraries.txt): after the bundle's own node_modules,
+    // which Node searches before NODE_PATH (Lambda's layer precedence).
+    NODE_PATH: `${searchPath}:${VETTED_NODE_MODULES}`,
   };
   if (wrapperEnv.TRACE_CAPABILITY_TOKEN !== undefined) env.TRACE_CAPABILITY_TOKEN = wrapperEnv.TRACE_CAPABILITY_TOKEN;
   return env;
