@@ -3,14 +3,17 @@ runtime files only, with the libraries they import coming from the runtime image
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
 
-from tests.integration.workers.sandbox.test_docker import Sandbox, assert_ok, normalize_modes
+from tests.integration.workers.sandbox.test_docker import CACHE, CARGO, Sandbox, assert_ok, normalize_modes
 from tests.integration.workers.sandbox.test_vetted_libraries import SLOW, TRANSFER_TOPIC
 from workers.sandbox.docker import DockerBackend
 
@@ -67,3 +70,33 @@ def test_node_erc20_transfers_with_ethers(sandbox: Sandbox, tmp_path: Path) -> N
     assert_ok(outcome)
     assert outcome.response == {"rows": [{"tx": "0x" + "ab" * 32, "log_index": 7, "from": "0x" + a, "to": "0x" + b,
                                           "amount": "1500.25 USDC", "raw": "1500250000"}]}
+
+
+def test_rust_scan_bootstrap(sandbox: Sandbox, tmp_path: Path) -> None:
+    """`col("value").gt(threshold)` in a std-only Rust `provided` bootstrap, built here with cargo --offline."""
+    if CARGO is None:
+        pytest.skip("no cargo on this machine to build examples/rust-scan")
+    crate = EXAMPLES / "rust-scan"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in crate.rglob("*") if p.is_file() and "target" not in p.parts):
+        digest.update(path.relative_to(crate).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    target = CACHE / f"rust-scan-{digest.hexdigest()[:16]}"
+    binary = target / "release" / "bootstrap"
+    if not binary.is_file():
+        done = subprocess.run([CARGO, "build", "--release", "--offline"], cwd=crate, capture_output=True, text=True,
+                              timeout=600, check=False, env={**os.environ, "CARGO_TARGET_DIR": str(target)})
+        assert done.returncode == 0 and binary.is_file(), f"cargo build failed:\n{done.stdout}\n{done.stderr}"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(binary, bundle / "bootstrap")
+    normalize_modes(bundle, executable=("bootstrap",))
+    rows = [{"address": "0xaa", "value": 5}, {"address": "0xbb", "value": 12.5, "tag": "big"},
+            {"address": "0xcc", "value": 10}, {"address": "0xdd", "value": 1e3}]
+    outcome, _ = sandbox.run(bundle, runtime="provided", handler="scan", event={"config": {"rows": rows,
+                                                                                        "threshold": 10}})
+    assert_ok(outcome)
+    assert outcome.response == {"rows": [rows[1], rows[3]]}
+
+    outcome, _ = sandbox.run(bundle, runtime="provided", handler="scan", event={"config": {"rows": rows}})
+    assert outcome.exit_reason == "error"
+    assert outcome.error_message == "config.threshold must be a number"
