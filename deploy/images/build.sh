@@ -9,7 +9,9 @@
 # both                 : the project's workers/runtime/ at /opt/trace/runtime/, user sbx (10001),
 #                        /var/task, /tmp, /run/trace; USER 10001, WORKDIR /var/task,
 #                        CMD ["/usr/bin/python3", "/opt/trace/runtime/bootstrap.py"].
-# node, also           : /opt/trace/runtime/node_bootstrap.blob, a Node startup snapshot of the Node
+# python, also         : python-libraries.txt's wheels in /usr/local/lib/python3.11/dist-packages
+# node, also           : node-libraries.txt's packages in /opt/trace/node_modules;
+#                        /opt/trace/runtime/node_bootstrap.blob, a Node startup snapshot of the Node
 #                        wrapper made by the image's own node (see bake_node_snapshot).
 #
 # Up to date = trace-runtime-<kind>:latest exists and its label org.trace.runtime-hash equals
@@ -33,6 +35,13 @@
 #   TRACE_DEBIAN_MIRROR override the mirror taken from the apt sources
 #   TRACE_RUNTIME_SRC   override the runtime source dir (default: <repo>/workers/runtime)
 #   TRACE_IMAGE_FORCE   1 = rebuild even when up to date
+#   TRACE_PIP           the host's pip that fetches the vetted wheels (default: python3 -m pip)
+#   TRACE_NPM           the host's npm that fetches the vetted Node packages (default: npm)
+#
+# The vetted libraries (python-libraries.txt, node-libraries.txt, part of the hash): fetched at build
+# with the host's pip (manylinux wheels for cp311, --no-deps, every dependency pinned in the list) and
+# npm, installed into /usr/local/lib/python3.11/dist-packages (byte-compiled, unchecked-hash: the root
+# is read-only and never changes) and /opt/trace/node_modules. Neither pip nor npm is in the image.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -70,8 +79,8 @@ runtime_hash() {
     local kind="$1" f
     {
         echo "kind=$kind suite=$SUITE packages=$(packages_for "$kind") recipe=$BASE_RECIPE"
-        for f in build.sh slim-rootfs.sh "Dockerfile.$kind"; do
-            echo "$f $(sha <"$HERE/$f")"
+        for f in build.sh slim-rootfs.sh "Dockerfile.$kind" "$kind-libraries.txt"; do
+            [ -f "$HERE/$f" ] && echo "$f $(sha <"$HERE/$f")"
         done
         if [ -d "$RUNTIME_SRC" ]; then
             (cd "$RUNTIME_SRC" && find . \( -name __pycache__ -o -name '*.pyc' -o -name .git \) -prune \
@@ -233,6 +242,54 @@ stage_runtime() {  # $1 = destination dir (becomes /opt/trace/runtime)
     fi
 }
 
+# The vetted libraries, fetched with the host's pip / npm into a staging dir.
+PY_SITE=/usr/local/lib/python3.11/dist-packages
+NODE_LIBS=/opt/trace/node_modules
+requirements() {  # $1 = list file: its entries without comments and blank lines
+    sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^[[:space:]]*$/d' "$1"
+}
+
+stage_python_libs() {  # $1 = destination (becomes $PY_SITE), $2 = bytecode magic of the image's python
+    local dest="$1" magic="${2:-}" list="$HERE/python-libraries.txt" py t0=$SECONDS
+    [ -f "$list" ] || return 0
+    mkdir -p "$dest"
+    # shellcheck disable=SC2086
+    ${TRACE_PIP:-python3 -m pip} install -q --disable-pip-version-check --no-deps --no-compile --target "$dest" \
+        --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -r <(requirements "$list") >&2 || die "pip could not install python-libraries.txt"
+    # Not needed to import: test suites, C headers and sources, console scripts.
+    rm -rf "$dest/bin" "$dest/pyarrow/include" "$dest/pyarrow/src"
+    find "$dest" -depth -type d \( -name tests -o -name __pycache__ \) -exec rm -rf {} +
+    find "$dest" -type f \( -name '*.pyx' -o -name '*.pxd' \) -delete
+    if [ -n "$magic" ]; then
+        for py in /usr/bin/python3.11 /usr/bin/python3 python3; do
+            command -v "$py" >/dev/null 2>&1 || continue
+            if [ "$("$py" -c 'import importlib.util as u; print(u.MAGIC_NUMBER.hex())' 2>/dev/null)" = "$magic" ]; then
+                "$py" -m compileall -q -j 0 -d "$PY_SITE" --invalidation-mode unchecked-hash "$dest" >/dev/null 2>&1 \
+                    || log "warning: compileall failed on some vetted library files"
+                break
+            fi
+        done
+    fi
+    chmod -R a+rX,go-w "$dest"
+    log "python libraries staged in $((SECONDS - t0)) s ($(du -sm "$dest" | cut -f1) MB)"
+}
+
+stage_node_libs() {  # $1 = destination (becomes $NODE_LIBS)
+    local dest="$1" list="$HERE/node-libraries.txt" tmp t0=$SECONDS
+    [ -f "$list" ] || return 0
+    tmp="$(mktemp -d "${TMPDIR:-/tmp}/trace-npm.XXXXXX")"
+    CLEANUP+=("$tmp")
+    # shellcheck disable=SC2046
+    ${TRACE_NPM:-npm} install --prefix "$tmp" --no-save --no-package-lock --omit=dev --ignore-scripts \
+        --no-audit --no-fund --loglevel=error $(requirements "$list") >&2 || die "npm could not install node-libraries.txt"
+    mkdir -p "$(dirname "$dest")"
+    mv "$tmp/node_modules" "$dest"
+    chmod -R a+rX,go-w "$dest"
+    log "node libraries staged in $((SECONDS - t0)) s ($(du -sm "$dest" | cut -f1) MB)"
+}
+
 # --- path 1: Dockerfile -----------------------------------------------------------------
 
 build_dockerfile() {
@@ -242,6 +299,11 @@ build_dockerfile() {
     cp "$HERE/slim-rootfs.sh" "$ctx/"
     stage_runtime "$ctx/runtime"
     find "$ctx/runtime" -name __pycache__ -prune -exec rm -rf {} +   # the Dockerfile compiles
+    mkdir -p "$ctx/libs"
+    case "$kind" in
+        python) stage_python_libs "$ctx/libs/python" ;;   # the Dockerfile compiles
+        node) stage_node_libs "$ctx/libs/node_modules" ;;
+    esac
     docker build -q --force-rm -f "$HERE/Dockerfile.$kind" --build-arg "RUNTIME_HASH=$hash" \
         -t "$PREFIX-$kind:latest" "$ctx" >/dev/null
 }
@@ -359,8 +421,16 @@ build_import() {
     cp "$base" "$work/image.tar"
     stage_runtime "$work/stage/opt/trace/runtime" "$magic"
     # Append the runtime files (not the directory itself: it is in the base already, and
-    # `docker import` refuses duplicate paths).
+    # `docker import` refuses duplicate paths), and the vetted libraries.
     (cd "$work/stage" && find ./opt/trace/runtime -mindepth 1 | LC_ALL=C sort) >"$work/files"
+    case "$kind" in
+        python)
+            stage_python_libs "$work/stage$PY_SITE" "$magic"   # the dir is in the base (Debian's python3)
+            (cd "$work/stage" && find ".$PY_SITE" -mindepth 1 | LC_ALL=C sort) >>"$work/files" ;;
+        node)
+            stage_node_libs "$work/stage$NODE_LIBS"
+            (cd "$work/stage" && find ".$NODE_LIBS" | LC_ALL=C sort) >>"$work/files" ;;
+    esac
     if [ -s "$work/files" ]; then
         tar -C "$work/stage" --numeric-owner --owner=0 --group=0 --no-recursion \
             -rf "$work/image.tar" -T "$work/files"

@@ -73,6 +73,8 @@ from runtime_api import (  # noqa: E402 - needs the line above
 )
 
 PYTHON_LOOP = os.path.join(RUNTIME_DIR, "python_loop.py")
+# deploy/images/node-libraries.txt, installed by build.sh beside the runtime dir (/opt/trace/node_modules)
+VETTED_NODE_MODULES = os.path.join(os.path.dirname(RUNTIME_DIR), "node_modules")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_GATEWAY = "unix:///run/trace/gateway.sock"
 RESULT_MARKER = "__TRACE_RESULT__"
@@ -84,7 +86,10 @@ def child_environment(runtime: str, handler: str, task_root: str, port: int, env
     """The Lambda environment for the runtime process, built from scratch so nothing else leaks in."""
     name = env.get("TRACE_FUNCTION_NAME") or "trace-udf"
     request_id = env.get("TRACE_REQUEST_ID") or ""
-    search_path = f"{task_root}:{RUNTIME_DIR}"  # the SDK importable without vendoring it
+    # The SDK importable without vendoring it; for node, the image's vetted libraries after the bundle's own
+    # node_modules (python's are in dist-packages, after the task root on sys.path).
+    search_path = f"{task_root}:{RUNTIME_DIR}"
+    node_path = f"{search_path}:{VETTED_NODE_MODULES}"
     child = {
         "_HANDLER": handler,
         "LAMBDA_TASK_ROOT": task_root,
@@ -103,7 +108,7 @@ def child_environment(runtime: str, handler: str, task_root: str, port: int, env
         "HOME": "/tmp",
         "TRACE_GATEWAY": env.get("TRACE_GATEWAY") or DEFAULT_GATEWAY,
         "PYTHONPATH": search_path,
-        "NODE_PATH": search_path,
+        "NODE_PATH": node_path,
     }
     if runtime == "python3.11":
         child["PYTHONUNBUFFERED"] = "1"  # logs reach the platform in order, even if the process is killed

@@ -45,6 +45,7 @@ const v8 = require('v8');
 const Module = require('module');
 
 const RUNTIME_DIR = __dirname;
+const VETTED_NODE_MODULES = path.join(path.dirname(RUNTIME_DIR), 'node_modules');  // deploy/images/node-libraries.txt (build.sh)
 const MAX_RESPONSE_BYTES = 6 * 1024 * 1024;  // Lambda's synchronous payload limit
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const DEFAULT_GATEWAY = 'unix:///run/trace/gateway.sock';
@@ -99,7 +100,9 @@ function handlerEnvironment(wrapperEnv, handler, taskRoot, requestId) {
     HOME: '/tmp',
     TRACE_GATEWAY: wrapperEnv.TRACE_GATEWAY || DEFAULT_GATEWAY,
     PYTHONPATH: searchPath,
-    NODE_PATH: searchPath,
+    // Then the image's vetted libraries (deploy/images/node-libraries.txt): after the bundle's own node_modules,
+    // which Node searches before NODE_PATH (Lambda's layer precedence).
+    NODE_PATH: `${searchPath}:${VETTED_NODE_MODULES}`,
   };
   if (wrapperEnv.TRACE_CAPABILITY_TOKEN !== undefined) env.TRACE_CAPABILITY_TOKEN = wrapperEnv.TRACE_CAPABILITY_TOKEN;
   return env;

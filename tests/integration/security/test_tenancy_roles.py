@@ -108,6 +108,7 @@ ROUTES = [
     Route("POST", "/v1/bundles", "/v1/bundles", "writer", _bundle_form, scoped=False),
     Route("GET", "/v1/bundles", "/v1/bundles", "reader", scoped=False),
     Route("GET", "/v1/bundles/<bundle_id>", "/v1/bundles/{bundle_id}", "reader"),
+    Route("GET", "/v1/runtimes", "/v1/runtimes", "reader", scoped=False),
     Route("PUT", "/v1/dags/<name>", "/v1/dags/{name}", "writer", _dag_body, scoped=False),
     Route("GET", "/v1/dags", "/v1/dags", "reader", scoped=False),
     Route("GET", "/v1/dags/<name>", "/v1/dags/{name}", "reader"),

@@ -314,7 +314,9 @@ def test_node_in_process_environment_is_the_child_processes(run_wrapper: Callabl
     assert child.pop("AWS_LAMBDA_RUNTIME_API").startswith("127.0.0.1:")
     assert seen["node_bootstrap.js"] == seen["node_bootstrap.blob"] == child
     assert child["TRACE_CAPABILITY_TOKEN"] == TOKEN and "SECRET_SHOULD_NOT_LEAK" not in child
-    assert child["NODE_PATH"].split(":") == [str(tmp_path / "task"), str(RUNTIME_DIR)]
+    # The task root, the SDK, then the image's vetted node_modules (beside the runtime dir): the bundle's own win.
+    assert child["NODE_PATH"].split(":") == [str(tmp_path / "task"), str(RUNTIME_DIR),
+                                             str(RUNTIME_DIR.parent / "node_modules")]
 
 
 @NODE_WRAPPERS

@@ -1,0 +1,33 @@
+// Seed 000's TypeScript use case, with seed 001's ethers: decode ERC-20 Transfer logs handed in by the task
+// and keep the large ones (`balance > 1000` in token units), formatted.
+//
+// Runtime `nodejs`, handler `trace.handler`. ethers comes from the runtime image's vetted set (GET /v1/runtimes);
+// the bundle is the compiled trace.js (`tsc` with this folder's tsconfig.json), no node_modules.
+import { Interface, formatUnits, parseUnits } from 'ethers';
+
+interface RawLog { topics: string[]; data: string; transactionHash?: string; logIndex?: number }
+interface Config { logs: RawLog[]; decimals: number; symbol: string; min_amount: string }
+interface Event { config: Config }
+
+const ERC20 = new Interface(['event Transfer(address indexed from, address indexed to, uint256 value)']);
+
+export async function handler(event: Event): Promise<{ rows: Record<string, unknown>[] }> {
+  const { logs, decimals, symbol, min_amount: minAmount } = event.config;
+  const minimum = parseUnits(minAmount, decimals);
+  const rows: Record<string, unknown>[] = [];
+  for (const log of logs) {
+    const parsed = ERC20.parseLog({ topics: log.topics, data: log.data });
+    if (parsed === null || parsed.name !== 'Transfer') continue;
+    const value: bigint = parsed.args.value;
+    if (value <= minimum) continue;
+    rows.push({
+      tx: log.transactionHash ?? null,
+      log_index: log.logIndex ?? null,
+      from: parsed.args.from,
+      to: parsed.args.to,
+      amount: `${formatUnits(value, decimals)} ${symbol}`,
+      raw: value.toString(),
+    });
+  }
+  return { rows };
+}
