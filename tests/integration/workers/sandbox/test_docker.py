@@ -26,7 +26,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,18 +118,6 @@ def host_can_spawn() -> None:
     assert done.stdout == "alive\n"
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[DockerBackend]:
-    backend = DockerBackend(docker.from_env(version="auto", timeout=30))
-    for image in ("trace-runtime-python", "trace-runtime-node"):
-        backend.client.images.get(image)  # ImageNotFound fails the module: run deploy/images/build.sh all
-    yield backend
-    backend.client.close()
-
-
-@pytest.fixture
-def sandbox(backend: DockerBackend, tmp_path: Path) -> Sandbox:
-    return Sandbox(backend, tmp_path)
 
 
 ECHO = """

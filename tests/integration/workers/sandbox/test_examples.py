@@ -7,30 +7,17 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import pytest
 
 from tests.integration.workers.sandbox.test_docker import CACHE, CARGO, Sandbox, assert_ok, normalize_modes
 from tests.integration.workers.sandbox.test_vetted_libraries import SLOW, TRANSFER_TOPIC
-from workers.sandbox.docker import DockerBackend
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[4] / "examples"
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[DockerBackend]:
-    backend = DockerBackend(docker.from_env(version="auto", timeout=30))
-    yield backend
-    backend.client.close()
-
-
-@pytest.fixture
-def sandbox(backend: DockerBackend, tmp_path: Path) -> Sandbox:
-    return Sandbox(backend, tmp_path)
 
 
 def bundle_of(example: str, files: tuple[str, ...], tmp_path: Path) -> Path:

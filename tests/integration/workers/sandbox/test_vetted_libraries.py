@@ -8,33 +8,18 @@ anything (no pip, npm or apt, no network).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import pytest
 
 from tests.integration.workers.sandbox.test_docker import Sandbox, assert_ok, write_bundle
 from tracecore.dags.spec import Limits
 from tracecore.runtimes import vetted_libraries
-from workers.sandbox.docker import DockerBackend
 
 pytestmark = pytest.mark.slow
 SLOW = Limits(timeout_s=60.0)  # pandas + pyarrow + Polars imported at the default CPU share take seconds
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[DockerBackend]:
-    backend = DockerBackend(docker.from_env(version="auto", timeout=30))
-    for image in ("trace-runtime-python", "trace-runtime-node"):
-        backend.client.images.get(image)  # ImageNotFound fails the module: run deploy/images/build.sh all
-    yield backend
-    backend.client.close()
-
-
-@pytest.fixture
-def sandbox(backend: DockerBackend, tmp_path: Path) -> Sandbox:
-    return Sandbox(backend, tmp_path)
 
 COMPUTE = """
     import numpy as np
