@@ -40,6 +40,29 @@ TABLES = ("trigger_firings", "scheduled_ticks", "schedules", "webhook_triggers",
           "memberships", "users", "orgs")
 
 
+_OWN_BASETEMP = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Each session's temporary files in a folder of its own (unless --basetemp names one).
+
+    pytest's numbered folders (/tmp/pytest-of-<user>/pytest-N) are pruned at the session's end by a
+    generator that can be left unfinished, and the scandir iterator it leaves open is reported as
+    an unraisable warning, which fails a run whose every test passed (warnings are errors here).
+    A session's own basetemp is never pruned that way; it is removed when the session passes."""
+    if config.option.basetemp is None:
+        config.option.basetemp = str(Path(tempfile.gettempdir()) / f"trace-pytest-{os.getpid()}")
+        config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    own = session.config.stash.get(_OWN_BASETEMP, None)
+    if own is not None and exitstatus == 0:
+        shutil.rmtree(own, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[Settings]:
     """One PostgreSQL database (migrated) and one Redis for the session."""
