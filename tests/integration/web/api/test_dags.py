@@ -13,31 +13,10 @@ from werkzeug.test import TestResponse
 
 from tests.conftest import Tenant
 from tests.integration.web.api.test_bundles import upload
+from tests.unit.dags.test_spec import SEED_YAML
 from tracecore.dags import catalog as dags
 from tracecore.db.engine import db
 from tracecore.tenancy.audit import AuditLog
-
-# Seed 002's "Example DAG config" (/work/shared/seeds/002_d2e4d37a39399a3b.txt), verbatim.
-SEED_YAML = """\
-- name: alert_evaluate
-  activation: reactive
-  runtime: lambda
-  operator: alert_evaluate
-  execution_strategy: PerUpdate
-  idle_timeout: 5m
-  inputs:
-    - from: { job: block_follower, output: 0 }
-  outputs: 1
-  update_strategy: append
-  unique_key: [dedupe_key]
-  config:
-    max_lookback_seconds: 3600
-
-  # UDF bundle reference
-  udf:
-    bundle_id: "<bundle-id>"
-    entrypoint: "trace.handler"
-"""
 
 YAML = "application/yaml"
 
