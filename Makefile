@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install docker images bench lint clean
+.PHONY: up test install docker images tools bench lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,16 @@ docker:
 	deploy/ensure-docker.sh
 	deploy/ensure-tools.sh
 
+## The chain node the chain tests and benchmarks run against (anvil, from npm).
+tools:
+	deploy/ensure-anvil.sh
+
 ## The sandbox runtime images, built locally (debootstrap + docker import when no registry answers).
 images: docker
 	deploy/images/build.sh all
 
 ## The whole test suite over real PostgreSQL, Redis, Celery workers and Docker.
-test: install images
+test: install images tools
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
