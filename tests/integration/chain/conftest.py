@@ -118,6 +118,11 @@ class AnvilNode:
         command = [self.binary, "--host", "127.0.0.1", "--port", str(self.port)]
         if self.block_time is not None:
             command += ["--block-time", repr(self.block_time)]
+        if "--order" not in self.args:
+            # Blocks in sending order. anvil 1.7.1's default ("fees") drops a transaction from a block
+            # mined by evm_mine when it pays more than an earlier one of the same sender that it waits
+            # for (seen with a legacy transaction after an EIP-1559 one): a test's transaction vanished.
+            command += ["--order", "fifo"]
         command += self.args
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -10,13 +10,14 @@ def test_emitter_logs_and_transactions(anvil: AnvilFactory) -> None:
     node = anvil()
     assert int(node.rpc("eth_chainId"), 16) == 31337
     emitter = node.deploy_emitter()
-    hashes = node.send_txs(3, one_block=True, legacy_every=2)
+    hashes = node.send_txs(5, one_block=True, legacy_every=2)
+    assert len(hashes) == 5
     block = node.block("latest", full=True)
     assert block is not None
-    types = {tx["hash"]: tx["type"] for tx in block["transactions"]}  # anvil orders a block by fee
-    assert types == {hashes[0]: "0x0", hashes[1]: "0x2", hashes[2]: "0x0"}
+    assert [tx["hash"] for tx in block["transactions"]] == hashes  # --order fifo
+    assert [tx["type"] for tx in block["transactions"]] == ["0x0", "0x2", "0x0", "0x2", "0x0"]
     receipts = node.rpc("eth_getBlockReceipts", [block["hash"]])
-    assert sum(len(receipt["logs"]) for receipt in receipts) == 6  # two per call
+    assert sum(len(receipt["logs"]) for receipt in receipts) == 10  # two per call
     # the second transaction: sender DEV_ACCOUNTS[1], 1 byte of calldata
     tagged, bare = next(receipt["logs"] for receipt in receipts if receipt["transactionHash"] == hashes[1])
     assert tagged["address"] == emitter
