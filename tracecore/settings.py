@@ -150,6 +150,13 @@ class Settings:
              "timeouts that fall due, and whatever a lost worker hook did not fire.")
     trigger_lookback: float = _setting(
         86_400.0, "Oldest dataset update (seconds ago) a data or refresh trigger still consumes.")
+    http_ingest_allowlist: tuple[str, ...] = _setting(
+        (), "Comma-separated URL prefixes (https://api.example.com/v1/) and host patterns (api.example.com, "
+            "*.example.com: https only) the http_ingest operator may fetch; empty: none. An internal address "
+            "(loopback, private, link-local, metadata) only when the matching entry names that host itself.")
+    http_ingest_max_bytes: int = _setting(16 << 20, "Largest answer body http_ingest reads; past it the attempt fails.")
+    http_ingest_timeout: float = _setting(
+        30.0, "Seconds one http_ingest fetch may take in all (DNS, connect, redirects, headers, body).")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from tracecore.dags import http_feed
 from tracecore.dags.bounds import Bound, bounds
 from tracecore.dags.text import invalid_body, load_body, parse_duration, parse_memory_mb, type_name
 from tracecore.dags.trigger_spec import MAX_TRIGGER_NODES, Batch, TriggerRules, trigger_jobs
@@ -430,6 +431,9 @@ class _Parser(TriggerRules):
         operator = out.get("operator")
         if operator is not None and self.operators[operator].needs_udf and "udf" not in job:
             self.error("missing_key", f"{path}.udf", f"operator {operator!r} runs user code and needs 'udf'")
+        if operator == "http_ingest":
+            for code, problem_path, message in http_feed.check_job(job, out, path):
+                self.error(code, problem_path, message)
         self.check_data_triggers(job, out, path)
         return out
 

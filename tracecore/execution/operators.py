@@ -45,6 +45,8 @@ register(OperatorInfo("udf", "Runs the job's UDF bundle in a sandbox.", needs_ud
 register(OperatorInfo("alert_evaluate", "Evaluates alert conditions with a UDF bundle and emits alert_events.",
                       needs_udf=True, implementation="workers.operators.udf:run"))
 register(OperatorInfo("block_follower", "Platform ingestion of new blocks at the chain tip."))
+register(OperatorInfo("http_ingest", "Platform ingestion of an off-chain JSON feed from an allowlisted URL "
+                      "into the job's buffered dataset.", implementation="workers.operators.http_ingest:run"))
 
 # Jobs every org can name as an input without defining them: platform sources.
 # Maps the job name to its number of outputs.
