@@ -27,13 +27,15 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
+from tracecore.data.datasets import PLATFORM_ORG_ID
 from tracecore.db.engine import db, sqlalchemy_url
 from tracecore.db.migrate import upgrade
 from tracecore.infra.embedded import EmbeddedServices
 from tracecore.settings import Settings, configure
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = ("trigger_firings", "scheduled_ticks", "schedules", "webhook_triggers",
+TABLES = ("chain_backfill_chunks", "chain_backfills", "chain_chunks", "chain_reorgs", "chain_logs",
+          "chain_transactions", "chain_blocks", "chains", "trigger_firings", "scheduled_ticks", "schedules", "webhook_triggers",
           "dead_letters", "downloads", "saved_queries", "lineage_edges", "pii_grants", "dataset_grants",
           "partitions", "dataset_versions", "datasets",
           "audit_log", "bundles", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens",
@@ -121,6 +123,8 @@ def clean_state(services: Settings) -> Iterator[None]:
     engine = create_engine(sqlalchemy_url(services.database_url or ""))
     with engine.begin() as connection:
         connection.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+        connection.execute(text("INSERT INTO orgs (id, name) VALUES (:id, 'trace-platform')"),
+                           {"id": PLATFORM_ORG_ID})  # made by the migrations: chain datasets belong to it
     engine.dispose()
     client = redis.Redis.from_url(services.broker_url or "")
     client.flushdb()

@@ -144,6 +144,25 @@ class Settings:
     org_max_running: int = _setting(
         50, "Most tasks of one org running at once (live leases), enforced when a lease is taken; "
             "a task over the cap waits in the queue.")
+    chains: str = _setting(
+        "", 'Chains registered (or updated) at start, a JSON list of POST /v1/chains bodies: [{"name": "anvil", '
+            '"chain_id": 31337, "rpc_urls": ["http://127.0.0.1:8545"], "ws_url": "ws://127.0.0.1:8545", '
+            '"finality": {"depth": 12}}].')
+    default_chain: str = _setting(
+        "anvil", "The chain whose datasets a DAG input from block_follower means (outputs 0 blocks, "
+                 "1 transactions, 2 logs).")
+    chain_follow: bool = _setting(True, "Whether `trace up` and `trace worker` start a chain follower process.")
+    chain_poll_interval: float = _setting(
+        0.25, "Seconds between the follower's eth_blockNumber polls (the safety net under newHeads).")
+    chain_lease_ttl: float = _setting(
+        6.0, "Seconds a follower's lease on a chain lasts unless renewed; another follower takes over after it.")
+    chain_catchup_batch: int = _setting(
+        100, "Most blocks fetched in one batched request and committed in one transaction while catching up.")
+    chain_prune_grace: float = _setting(
+        120.0, "Seconds after a chunk turns cold before its hot rows are deleted; longer than any query "
+               "(TRACE_QUERY_TIMEOUT), so a query pinned before the compaction still reads them.")
+    chain_check_interval: float = _setting(
+        10.0, "Seconds between a follower's completeness checks (gaps are filled, broken links re-read).")
     beat_poll_interval: float = _setting(0.5, "Seconds between the beat's checks of the schedule rows.")
     trigger_sweep_interval: float = _setting(
         2.0, "Seconds between the beat's sweeps of data, refresh, idle and composite triggers: batches and "

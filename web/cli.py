@@ -91,7 +91,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         bootstrap_admin(settings)
         env = {**os.environ, "TRACE_DATABASE_URL": settings.database_url or "",
                "TRACE_BROKER_URL": settings.broker_url or "", "TRACE_HOME": str(settings.home_path)}
-        for role in ("api", "worker", "beat"):
+        for role in ("api", "worker", "beat", *(("follow",) if settings.chain_follow else ())):
             children.append(subprocess.Popen([sys.executable, "-m", "web.cli", role], env=env))
         _wait_healthy(settings, children)
         print(f"Trace is up.\n  API      {settings.resolved_api_url}  (OpenAPI: /v1/openapi.json)\n"
@@ -155,6 +155,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_beat(args: argparse.Namespace, settings: Settings) -> int:
     from scheduler.beat import run
+
+    run(configure(embedded.attach(settings)))
+    return 0
+
+
+def cmd_follow(args: argparse.Namespace, settings: Settings) -> int:
+    from scheduler.follow import run
 
     run(configure(embedded.attach(settings)))
     return 0
@@ -350,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name")
     worker.set_defaults(func=cmd_worker)
     commands.add_parser("beat", help="run Celery beat").set_defaults(func=cmd_beat)
+    commands.add_parser("follow", help="follow the registered chains' tips (one writer per chain)"
+                        ).set_defaults(func=cmd_follow)
     database = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     database.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
     apply = commands.add_parser("apply", help="save a DAG file (YAML or JSON) as the DAG's next version")

@@ -37,6 +37,8 @@ REAP_SANDBOXES = "trace.reap_sandboxes"
 BUFFER_PUBLISH = "trace.buffer_publish"
 # A dataset got a new version (sent after its commit): enqueue the reactive jobs downstream.
 DATASET_UPDATED = "trace.dataset_updated"
+# One aligned 1000-block chunk of a chain backfill (workers/chain/backfill.py).
+BACKFILL_CHUNK = "trace.backfill_chunk"
 
 
 def make_celery(flask_app: Flask) -> Celery:
@@ -90,6 +92,13 @@ def dataset_updated(flask_app: Flask, dataset_id: uuid.UUID | str, version: int)
     celery: Celery | None = flask_app.extensions.get("celery")
     if celery is not None:
         celery.send_task(DATASET_UPDATED, args=[str(dataset_id), int(version)], ignore_result=True)
+
+
+def enqueue_backfill(flask_app: Flask, backfill_id: uuid.UUID | str, start: int) -> None:
+    """Send one chunk of a committed backfill (no-op without a Celery app)."""
+    celery: Celery | None = flask_app.extensions.get("celery")
+    if celery is not None:
+        celery.send_task(BACKFILL_CHUNK, args=[str(backfill_id), int(start)], ignore_result=True)
 
 
 def create_worker_app(include: Sequence[str] = ()) -> Celery:

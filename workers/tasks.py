@@ -19,10 +19,12 @@ from tracecore.execution import dag_runs
 from tracecore.execution import lease as leases
 from tracecore.execution.runs import Run, Task
 from tracecore.execution.states import Gate
+from tracecore.infra.storage import object_store
 from tracecore.settings import current_settings
 
 from . import dispatcher
 from .app import (
+    BACKFILL_CHUNK,
     BUFFER_PUBLISH,
     CLOCK,
     EXECUTE_DAG_TASK,
@@ -32,6 +34,7 @@ from .app import (
     REAP_SANDBOXES,
     enqueue,
 )
+from .chain import backfill
 from .sandbox.hostile_files import reap_work_dirs
 from .sandbox.select import backend_for
 
@@ -106,3 +109,9 @@ def buffer_publish(claims_token: str, manifest: dict) -> dict:
     checked like the gateway's): for publishers with a broker but no gateway socket. Answers the
     route's JSON with ``status`` inside; a refusal (409, 422 ...) is an answer, not a retry."""
     return publish_with_token(claims_token, manifest, current_settings())
+
+
+@shared_task(name=BACKFILL_CHUNK, ignore_result=True, acks_late=True)
+def backfill_chunk(backfill_id: str, start: int) -> str:
+    """One chunk of a chain backfill: written as cryo writes it, or skipped when it is already."""
+    return backfill.run_chunk(backfill_id, int(start), store=object_store(current_settings()))

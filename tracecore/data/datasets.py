@@ -20,6 +20,11 @@ content-addressed, SHA-256-pinned artifacts, and rewriting them would break ever
 that names them. Personal data belongs in a buffered dataset; a derived dataset is cleaned
 by re-running its job, which writes a new version.
 
+Platform datasets (kind ``chain``: a registered chain's ``<chain>_blocks``, ``_transactions``,
+``_logs``) belong to the platform org (``PLATFORM_ORG_ID``, made by the migrations) and every org
+may read them under their own names; an org's own dataset of the same name wins. Their views
+come from the room that owns their data (``register_view_source``: ``tracecore.chain.datasets``).
+
 Cross-org sharing is a ``DatasetGrant`` (the whole dataset, to an org; made by
 ``tracecore.data.admin``); a granted dataset is named ``<owner org name>__<dataset name>``
 by the org it is granted to. PII datasets are visible to a user only with a ``PiiGrant`` for
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -74,6 +79,8 @@ from tracecore.exceptions import NotFound, PermissionDenied, ValidationError
 from tracecore.tenancy.orgs import Org
 
 PARTITION_KINDS = ("block_range", "date")
+PLATFORM_ORG_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")  # owns platform datasets (migration 0012)
+PLATFORM_KINDS = ("chain",)
 UPDATE_MODES = ("append", "replace")
 GRANT_SEPARATOR = "__"
 
@@ -82,7 +89,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
     __table_args__ = (
         UniqueConstraint("org_id", "name"),
-        CheckConstraint("kind IN ('raw', 'derived', 'buffered')", name="kind"),
+        CheckConstraint("kind IN ('raw', 'derived', 'buffered', 'chain')", name="kind"),
         CheckConstraint("latest_version >= 0", name="latest_version"),
         CheckConstraint("current_version IS NULL OR (current_version >= 1 AND current_version <= latest_version)",
                         name="current_version"),
@@ -200,6 +207,24 @@ class DatasetView:
     hot_table: str | None
     columns: tuple[tuple[str, str], ...]
     pii: bool
+    # Rows read from PostgreSQL as they are (SQL text, parameters), for platform datasets whose
+    # hot rows are not a buffered dataset's table (chain data above its cold boundary).
+    hot_sql: tuple[str, tuple[Any, ...]] | None = None
+
+
+ViewSource = Callable[[str, "Dataset"], DatasetView]
+_VIEW_SOURCES: dict[str, ViewSource] = {}
+
+
+def register_view_source(kind: str, source: ViewSource) -> None:
+    """The room that owns a platform kind's data tells the Query Service how to read it."""
+    _VIEW_SOURCES[kind] = source
+
+
+def platform_datasets() -> dict[str, Dataset]:
+    """The datasets every org may read, by name."""
+    return {dataset.name: dataset for dataset in db.session.scalars(
+        select(Dataset).where(Dataset.org_id == PLATFORM_ORG_ID, Dataset.kind.in_(PLATFORM_KINDS)))}
 
 
 @dataclass(frozen=True)
@@ -362,6 +387,10 @@ def find_visible(org_id: uuid.UUID, name: str) -> Dataset:
     own = db.session.scalar(select(Dataset).where(Dataset.org_id == org_id, Dataset.name == name))
     if own is not None:
         return own
+    platform = db.session.scalar(select(Dataset).where(Dataset.org_id == PLATFORM_ORG_ID, Dataset.name == name,
+                                                       Dataset.kind.in_(PLATFORM_KINDS)))
+    if platform is not None:
+        return platform
     if GRANT_SEPARATOR in name and (granted := granted_datasets(org_id).get(name)) is not None:
         return granted
     raise NotFound(f"no dataset named {name!r}")
@@ -379,7 +408,7 @@ def search_datasets(org_id: uuid.UUID, query: str | None = None) -> list[Catalog
             .join(Org, Org.id == Dataset.org_id)
             .outerjoin(DatasetVersion, (DatasetVersion.dataset_id == Dataset.id)
                        & (DatasetVersion.version == Dataset.current_version))
-            .where(or_(Dataset.org_id == org_id, Dataset.id.in_(
+            .where(or_(Dataset.org_id == org_id, Dataset.org_id == PLATFORM_ORG_ID, Dataset.id.in_(
                 select(DatasetGrant.dataset_id).where(DatasetGrant.grantee_org_id == org_id)))))
     if query:
         pattern = f"%{_escape_like(query)}%"
@@ -388,7 +417,7 @@ def search_datasets(org_id: uuid.UUID, query: str | None = None) -> list[Catalog
                                    (Org.name + GRANT_SEPARATOR + Dataset.name).ilike(pattern, escape="\\"))))
     entries = []
     for dataset, owner_name, rows in db.session.execute(stmt):
-        own = dataset.org_id == org_id
+        own = dataset.org_id in (org_id, PLATFORM_ORG_ID)
         entries.append(CatalogEntry(dataset, dataset.name if own else f"{owner_name}{GRANT_SEPARATOR}{dataset.name}",
                                     None if own else owner_name, rows))
     return sorted(entries, key=lambda entry: entry.name)
@@ -506,6 +535,8 @@ def views_for_user(org_id: uuid.UUID, user_id: uuid.UUID) -> list[DatasetView]:
     allowed_pii = set(db.session.scalars(select(PiiGrant.dataset_id).where(PiiGrant.user_id == user_id)))
     own = db.session.scalars(select(Dataset).where(Dataset.org_id == org_id)).all()
     named = [(dataset.name, dataset) for dataset in own] + list(granted_datasets(org_id).items())
+    taken = {name for name, _ in named}
+    named += [(name, dataset) for name, dataset in platform_datasets().items() if name not in taken]
     pins = [(name, dataset, dataset.current_version) for name, dataset in named
             if dataset.schema is not None and (not dataset.pii or dataset.id in allowed_pii)]
     return _views(pins)
@@ -529,14 +560,15 @@ def views_for_capability(capability: Any) -> list[DatasetView]:
         name, version = str(item.get("dataset", "")), item.get("version")
         if item.get("dataset_id"):
             dataset = db.session.get(Dataset, uuid.UUID(str(item["dataset_id"])))
-            if dataset is not None and dataset.org_id != org_id:
+            if dataset is not None and dataset.org_id not in (org_id, PLATFORM_ORG_ID):
                 granted = granted if granted is not None else granted_datasets(org_id)
                 dataset = dataset if dataset.id in {d.id for d in granted.values()} else None
         else:
             dataset = db.session.scalar(select(Dataset).where(Dataset.org_id == org_id, Dataset.name == name))
             if dataset is None:
                 granted = granted if granted is not None else granted_datasets(org_id)
-                dataset = granted.get(name)
+                dataset = granted.get(name) or db.session.scalar(select(Dataset).where(
+                    Dataset.org_id == PLATFORM_ORG_ID, Dataset.name == name, Dataset.kind.in_(PLATFORM_KINDS)))
         if dataset is None:
             raise NotFound(f"the token names dataset {name!r}, which this org cannot read", code="dataset_not_found")
         if name in pins and pins[name][2] != version:
@@ -555,7 +587,7 @@ def views_for_condition(org_id: uuid.UUID, dataset_ids: Sequence[uuid.UUID], use
     named as the job's tasks see them; a PII input needs a grant for ``user_id`` (who saved the
     job's DAG version: no one triggers a condition), as a task's read would."""
     found = db.session.scalars(select(Dataset).where(Dataset.id.in_(list(dataset_ids)))).all()
-    owned = [dataset for dataset in found if dataset.org_id == org_id]
+    owned = [dataset for dataset in found if dataset.org_id in (org_id, PLATFORM_ORG_ID)]
     pii = [dataset for dataset in owned if dataset.pii]
     granted = set() if user_id is None or not pii else set(db.session.scalars(
         select(PiiGrant.dataset_id).where(PiiGrant.user_id == user_id, PiiGrant.dataset_id.in_([d.id for d in pii]))))
@@ -587,7 +619,8 @@ def _check_task_pii(capability: Any, pii: list[Dataset]) -> None:
 
 def _views(pins: Sequence[tuple[str, Dataset, int | None]]) -> list[DatasetView]:
     """Views of (name, dataset, version) triples, with two queries for all of them."""
-    wanted = [(dataset.id, version) for _, dataset, version in pins if version is not None]
+    wanted = [(dataset.id, version) for _, dataset, version in pins
+              if version is not None and dataset.kind not in _VIEW_SOURCES]
     manifests = {(row.dataset_id, row.version): row.manifest for row in db.session.execute(
         select(DatasetVersion.dataset_id, DatasetVersion.version, DatasetVersion.manifest)
         .where(tuple_(DatasetVersion.dataset_id, DatasetVersion.version).in_(wanted)))} if wanted else {}
@@ -595,6 +628,9 @@ def _views(pins: Sequence[tuple[str, Dataset, int | None]]) -> list[DatasetView]
     present = set(db.session.scalars(sql.PRESENT_TABLES, {"names": hot_names})) if hot_names else set()
     views = []
     for name, dataset, version in pins:
+        if dataset.kind in _VIEW_SOURCES:
+            views.append(_VIEW_SOURCES[dataset.kind](name, dataset))
+            continue
         if version is not None and (dataset.id, version) not in manifests:
             raise NotFound(f"dataset {name!r} has no version {version}", code="unknown_version")
         buffered = dataset.kind == "buffered"

@@ -1,6 +1,9 @@
 """Imports every model so that ``Base.metadata`` is complete (Alembic, tests)."""
 
 
+from tracecore.chain.backfills import Backfill, BackfillChunk
+from tracecore.chain.chains import Chain
+from tracecore.chain.hot import ChainBlock, ChainChunk, ChainLog, ChainReorg, ChainTransaction
 from tracecore.dags.catalog import Dag, DagVersion, Job
 from tracecore.dags.triggers import Schedule, ScheduledTick, TriggerFiring, WebhookTrigger
 from tracecore.data.datasets import Dataset, DatasetGrant, DatasetVersion, Partition, PiiGrant
@@ -14,7 +17,42 @@ from tracecore.query.saved import Download, SavedQuery
 from tracecore.tenancy.audit import AuditLog
 from tracecore.tenancy.orgs import ApiToken, Membership, Org, User
 
-__all__ = ["ApiToken", "Attempt", "AuditLog", "Base", "Bundle", "Dag", "DagVersion", "Dataset", "DatasetGrant",
-           "DatasetVersion", "DeadLetter", "Download", "Job", "JobRunning", "LineageEdge", "Membership", "Org",
-           "OrgRunRate", "OrgRunning", "Partition", "PiiGrant", "Run", "SavedQuery", "Schedule", "ScheduledTick",
-           "Task", "TriggerFiring", "User", "WebhookTrigger"]
+__all__ = [
+           "ApiToken",
+           "Attempt",
+           "AuditLog",
+           "Backfill",
+           "BackfillChunk",
+           "Base",
+           "Bundle",
+           "Chain",
+           "ChainBlock",
+           "ChainChunk",
+           "ChainLog",
+           "ChainReorg",
+           "ChainTransaction",
+           "Dag",
+           "DagVersion",
+           "Dataset",
+           "DatasetGrant",
+           "DatasetVersion",
+           "DeadLetter",
+           "Download",
+           "Job",
+           "JobRunning",
+           "LineageEdge",
+           "Membership",
+           "Org",
+           "OrgRunRate",
+           "OrgRunning",
+           "Partition",
+           "PiiGrant",
+           "Run",
+           "SavedQuery",
+           "Schedule",
+           "ScheduledTick",
+           "Task",
+           "TriggerFiring",
+           "User",
+           "WebhookTrigger",
+]

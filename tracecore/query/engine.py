@@ -284,9 +284,27 @@ def _hot_rows(pg: Any, view: DatasetViewLike, *, through: int | None) -> pa.Tabl
     return pa.Table.from_arrays(arrays, names=columns)
 
 
+def _sql_rows(pg: Any, view: DatasetViewLike, statement: tuple[str, tuple[Any, ...]]) -> pa.Table:
+    """A platform view's hot rows (``DatasetView.hot_sql``), typed as the view declares."""
+    with pg.cursor() as cursor:
+        cursor.execute(statement[0], statement[1])
+        columns = [column.name for column in cursor.description]
+        values: list[list[Any]] = [[] for _ in columns]
+        while chunk := cursor.fetchmany(_PG_ROWS):
+            for row in chunk:
+                for index, value in enumerate(row):
+                    values[index].append(value)
+    declared = dict(view.columns)
+    arrays = [_to_array(column, _arrow_type(declared.get(name, ""))) for name, column in zip(columns, values,
+                                                                                               strict=True)]
+    return pa.Table.from_arrays(arrays, names=columns)
+
+
 def _to_array(values: list[Any], target: pa.DataType | None) -> pa.Array:
     if target is None:
         return pa.array([str(v) if isinstance(v, uuid.UUID) else v for v in values])
+    if pa.types.is_integer(target) and any(isinstance(v, decimal.Decimal) for v in values):
+        values = [None if v is None else int(v) for v in values]  # numeric(20, 0) columns: uint64
     try:
         return pa.array(values, type=target)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -320,6 +338,12 @@ def _register(con: duckdb.DuckDBPyConnection, views: Sequence[DatasetViewLike], 
                     pg = _pg_connect(pg_conninfo, deadline)
                 hot = _hot_rows(pg, view, through=_cold_through(con, cold, view))
                 con.register(f"__trace_hot_{index}", hot)
+                parts.append(f"SELECT {columns} FROM __trace_hot_{index}")
+            hot_sql = getattr(view, "hot_sql", None)
+            if hot_sql is not None:
+                if pg is None:
+                    pg = _pg_connect(pg_conninfo, deadline)
+                con.register(f"__trace_hot_{index}", _sql_rows(pg, view, hot_sql))
                 parts.append(f"SELECT {columns} FROM __trace_hot_{index}")
             if not parts:
                 con.register(f"__trace_empty_{index}", _empty_table(view))
