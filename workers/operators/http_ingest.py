@@ -175,6 +175,7 @@ def _get(url: str, allowlist: Sequence[http_feed.AllowEntry], headers: Sequence[
         connection.request("GET", target, headers={"Accept": "application/json", "Accept-Encoding": "identity",
                                                    "User-Agent": _USER_AGENT, **dict(headers)})
         response = connection.getresponse()
+        _remaining(deadline)  # the watchdog may have cut the headers short: what was read is not an answer
         if response.status in REDIRECTS:
             return response.status, response.getheader("Location"), b""
         _check_answer(response, shown, max_bytes)

@@ -36,7 +36,7 @@ from tracecore.data import datasets
 from tracecore.db.engine import db
 from tracecore.execution import runs
 from tracecore.execution.runs import Run
-from tracecore.settings import Settings, configure
+from tracecore.settings import SETTINGS_KEY, Settings, configure
 from workers import dispatcher
 from workers.operators.http_ingest import FetchRefused, fetch
 
@@ -84,7 +84,7 @@ class FeedServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False  # type: ignore[attr-defined]
+        self.httpd.block_on_close = False
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -129,6 +129,16 @@ def _stream(server: FeedServer, handler: http.server.BaseHTTPRequestHandler, chu
             time.sleep(pause)
 
 
+def _drip_headers(server: FeedServer, handler: http.server.BaseHTTPRequestHandler) -> None:
+    """A status line, then one header byte at a time, forever: each read gets a byte well within any
+    per-read timeout, so only a deadline on the whole exchange ends it."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    while not server.stop.is_set():
+        handler.wfile.write(b"a")
+        handler.wfile.flush()
+        time.sleep(0.05)
+
+
 def _silent(server: FeedServer, handler: http.server.BaseHTTPRequestHandler) -> None:
     server.stop.wait(60)
 
@@ -152,11 +162,13 @@ def _many_headers(server: FeedServer, handler: http.server.BaseHTTPRequestHandle
 ROUTES: dict[str, Callable[[FeedServer, Any], None]] = {
     "/prices": lambda s, h: _send(h, json.dumps({"data": {"items": s.items}}).encode()),
     "/prices-moved": _redirect("/prices"),
+    "/empty": lambda s, h: _send(h, b'{"data": {"items": []}}'),
     "/huge-announced": _raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000000000"
                             b"\r\n\r\n[1,2,3"),
     "/huge-streamed": lambda s, h: _stream(s, h, b"1," * 32768, 0),
     "/drip": lambda s, h: _stream(s, h, b"1,", 0.05),
     "/silent": _silent,
+    "/drip-headers": _drip_headers,
     "/html": lambda s, h: _send(h, b"<html><body>{}</body></html>", "text/html"),
     "/deep": lambda s, h: _send(h, b"[" * 100_000 + b"]" * 100_000),
     "/nan": lambda s, h: _send(h, b'{"data": {"items": [{"id": 1, "usd": NaN}]}}'),
@@ -215,7 +227,7 @@ def _put(client: FlaskClient, tenant: Tenant, dag: list[dict[str, Any]]) -> None
 def _read_run(client: FlaskClient, tenant: Tenant, run_id: str) -> dict[str, Any]:
     db.session.rollback()
     response = client.get(f"/v1/runs/{run_id}", headers=tenant.headers("reader"))
-    assert response.status_code == 200, response.json
+    assert response.status_code == 200 and response.json is not None, response.json
     return response.json
 
 
@@ -233,7 +245,7 @@ def _run_here(app: Flask, client: FlaskClient, tenant: Tenant, url: str) -> dict
 def _run_by_worker(client: FlaskClient, tenant: Tenant, processes: Processes, worker: Any,
                    config: dict[str, Any] | None = None) -> dict[str, Any]:
     response = client.post("/v1/jobs/feed/runs", json={"config": config or {}}, headers=tenant.headers("writer"))
-    assert response.status_code == 202, response.json
+    assert response.status_code == 202 and response.json is not None, response.json
     run_id = response.json["run_id"]
 
     def finished() -> dict[str, Any] | None:
@@ -241,7 +253,8 @@ def _run_by_worker(client: FlaskClient, tenant: Tenant, processes: Processes, wo
         return run if run["status"] in ("succeeded", "failed") else None
 
     try:
-        return wait_for(finished, timeout=60, message="the feed run to finish")  # type: ignore[return-value]
+        run: dict[str, Any] = wait_for(finished, timeout=60, message="the feed run to finish")  # type: ignore[assignment]
+        return run
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{processes.log(worker)}") from None
 
@@ -249,8 +262,9 @@ def _run_by_worker(client: FlaskClient, tenant: Tenant, processes: Processes, wo
 def _rows(client: FlaskClient, tenant: Tenant) -> list[dict[str, Any]]:
     response = client.post("/v1/query", json={"sql": "SELECT id, symbol, usd FROM prices ORDER BY id"},
                            headers=tenant.headers("reader"))
-    assert response.status_code == 200, response.json
-    return response.json["rows"]
+    assert response.status_code == 200 and response.json is not None, response.json
+    rows: list[dict[str, Any]] = response.json["rows"]
+    return rows
 
 
 def _data_runs(org_id: uuid.UUID) -> list[str]:
@@ -340,6 +354,7 @@ HOSTILE = [
     ("/huge-streamed", "response_too_large", f"exceeds {MAX_BYTES} bytes"),
     ("/drip", "fetch_timeout", "within the fetch timeout"),
     ("/silent", "fetch_timeout", "within the fetch timeout"),
+    ("/drip-headers", "fetch_timeout", "within the fetch timeout"),
     ("/html", "not_json", "'text/html'"),
     ("/deep", "too_deep", "more than 64 levels"),
     ("/nan", "invalid_json", "NaN is not a JSON number"),
@@ -390,10 +405,20 @@ def test_a_url_off_the_allowlist_is_never_fetched(app: Flask, client: FlaskClien
 
 def test_an_empty_allowlist_allows_nothing(app: Flask, client: FlaskClient, tenant: Tenant, feed: FeedServer,
                                            settings: Settings) -> None:
-    app.config["TRACE_SETTINGS"] = replace(settings, http_ingest_allowlist=())
+    app.config[SETTINGS_KEY] = replace(settings, http_ingest_allowlist=())
     _put(client, tenant, _dag())
     run = _run_here(app, client, tenant, f"{feed.url}/prices")
     assert run["tasks"][0]["attempts"][0]["exit_reason"] == "url_not_allowed"
+
+
+def test_an_empty_feed_succeeds_and_makes_no_version(app: Flask, client: FlaskClient, tenant: Tenant,
+                                                     feed: FeedServer) -> None:
+    _put(client, tenant, _dag())
+    run = _run_here(app, client, tenant, f"{feed.url}/empty")
+    assert run["status"] == "succeeded", run["tasks"][0]["attempts"]
+    assert run["tasks"][0]["attempts"][0]["result"]["records"] == 0
+    db.session.rollback()
+    assert datasets.get_dataset(tenant.org_id, "prices").current_version is None
 
 
 def test_an_allowed_feed_publishes_in_this_process_too(app: Flask, client: FlaskClient, tenant: Tenant,
@@ -412,9 +437,12 @@ def test_a_wildcard_name_that_resolves_to_loopback_is_refused(feed: FeedServer) 
     connection. (The resolver here stands in for DNS; the server it would reach is real.)"""
     allowlist = http_feed.parse_allowlist([f"http://*.feeds.example:{feed.port}/"])
     for answer in (["127.0.0.1"], ["93.184.215.14", "127.0.0.1"], ["::ffff:169.254.169.254"]):
+        def resolve(host: str, port: int, answer: list[str] = answer) -> list[str]:
+            return answer
+
         with pytest.raises(FetchRefused) as refused:
             fetch(f"http://prices.feeds.example:{feed.port}/prices", allowlist, max_bytes=MAX_BYTES, timeout=2.0,
-                  resolve=lambda host, port, answer=answer: answer)
+                  resolve=resolve)
         assert refused.value.reason == "address_not_allowed", refused.value.message
         assert "does not name this host itself" in refused.value.message
 
