@@ -411,6 +411,22 @@ def test_an_empty_allowlist_allows_nothing(app: Flask, client: FlaskClient, tena
     assert run["tasks"][0]["attempts"][0]["exit_reason"] == "url_not_allowed"
 
 
+def test_without_a_schema_the_first_answer_gives_the_dataset_its_columns(app: Flask, client: FlaskClient,
+                                                                         tenant: Tenant, feed: FeedServer) -> None:
+    dag = _dag()
+    dag[0]["outputs"] = [{"dataset": "prices", "kind": "buffered"}]
+    _put(client, tenant, dag)
+    run = _run_here(app, client, tenant, f"{feed.url}/prices")
+    assert run["status"] == "succeeded", run["tasks"][0]["attempts"]
+    db.session.rollback()
+    prices = datasets.get_dataset(tenant.org_id, "prices")
+    assert [(column["name"], column["type"]) for column in prices.schema or ()] == [
+        ("id", "int64"), ("symbol", "string"), ("usd", "float64"), ("extra", "string")]
+    response = client.post("/v1/query", json={"sql": "SELECT extra FROM prices ORDER BY id"},
+                           headers=tenant.headers("reader"))
+    assert response.json is not None and response.json["rows"] == [{"extra": '{"ignored":true}'}, {"extra": None}]
+
+
 def test_an_empty_feed_succeeds_and_makes_no_version(app: Flask, client: FlaskClient, tenant: Tenant,
                                                      feed: FeedServer) -> None:
     _put(client, tenant, _dag())
