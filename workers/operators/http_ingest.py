@@ -196,10 +196,7 @@ def _get(url: str, allowlist: Sequence[http_feed.AllowEntry], headers: Sequence[
 def _addresses(host: str, port: int, entry: http_feed.AllowEntry, resolve: Resolver, deadline: float) -> list[str]:
     """The host's addresses, every one checked: one internal address refuses the host (a name
     that answers both public and internal addresses is exactly a rebinding attempt)."""
-    try:
-        addresses = list(resolve(host, port))
-    except (OSError, UnicodeError) as exc:
-        raise FetchRefused("fetch_failed", f"cannot resolve {host!r}: {exc}", retryable=True) from None
+    addresses = _resolved(host, port, resolve, deadline)
     if not addresses:
         raise FetchRefused("fetch_failed", f"{host!r} resolves to no address", retryable=True)
     if not entry.names_host(host):
@@ -208,9 +205,31 @@ def _addresses(host: str, port: int, entry: http_feed.AllowEntry, resolve: Resol
             if reason is not None:
                 raise FetchRefused("address_not_allowed", f"{host!r} resolves to {address}, a {reason} address; "
                                    f"the allowlist entry {entry.text!r} does not name this host itself")
-    if time.monotonic() >= deadline:
-        raise FetchRefused("fetch_timeout", f"resolving {host!r} took the whole fetch timeout", retryable=True)
     return addresses
+
+
+def _resolved(host: str, port: int, resolve: Resolver, deadline: float) -> list[str]:
+    """``resolve(host, port)`` within the deadline: the system's resolver has no timeout of its own
+    that Trace sets, so it runs in a thread that is abandoned (it ends with the lookup) when late."""
+    outcome: list[list[str] | BaseException] = []
+
+    def lookup() -> None:
+        try:
+            outcome.append(list(resolve(host, port)))
+        except BaseException as exc:  # handed to the caller's thread, which decides
+            outcome.append(exc)
+
+    thread = threading.Thread(target=lookup, name="http-ingest-resolve", daemon=True)
+    thread.start()
+    thread.join(_remaining(deadline))
+    if not outcome:
+        raise FetchRefused("fetch_timeout", f"resolving {host!r} took longer than the fetch timeout", retryable=True)
+    found = outcome[0]
+    if isinstance(found, (OSError, UnicodeError)):
+        raise FetchRefused("fetch_failed", f"cannot resolve {host!r}: {found}", retryable=True)
+    if isinstance(found, BaseException):
+        raise found
+    return found
 
 
 def _system_resolve(host: str, port: int) -> list[str]:

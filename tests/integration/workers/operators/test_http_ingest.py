@@ -478,3 +478,29 @@ def test_the_connection_goes_to_the_address_that_was_checked(feed: FeedServer) -
     fetched = fetch(f"http://prices.feeds.example:{feed.port}/prices", allowlist, max_bytes=MAX_BYTES, timeout=2.0,
                     resolve=lambda host, port: next(answers))
     assert fetched.status == 200
+
+
+def test_a_resolver_that_never_answers_is_a_timeout(feed: FeedServer) -> None:
+    """DNS is inside the fetch timeout too (this resolver answers only once the test is over)."""
+    released = threading.Event()
+
+    def never(host: str, port: int) -> list[str]:
+        released.wait(30)
+        return ["127.0.0.1"]
+
+    allowlist = http_feed.parse_allowlist([f"http://prices.feeds.example:{feed.port}/"])
+    try:
+        with pytest.raises(FetchRefused) as refused:
+            fetch(f"http://prices.feeds.example:{feed.port}/prices", allowlist, max_bytes=MAX_BYTES, timeout=0.5,
+                  resolve=never)
+    finally:
+        released.set()
+    assert (refused.value.reason, refused.value.retryable) == ("fetch_timeout", True), refused.value.message
+
+
+def test_a_name_that_does_not_resolve_fails_the_fetch(feed: FeedServer) -> None:
+    allowlist = http_feed.parse_allowlist(["http://no-such-host.invalid/"])
+    with pytest.raises(FetchRefused) as refused:
+        fetch("http://no-such-host.invalid/prices", allowlist, max_bytes=MAX_BYTES, timeout=30.0)
+    assert (refused.value.reason, refused.value.retryable) == ("fetch_failed", True), refused.value.message
+    assert "cannot resolve 'no-such-host.invalid'" in refused.value.message
