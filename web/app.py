@@ -11,7 +11,7 @@ from tracecore.settings import Settings
 from workers.app import make_celery
 
 from . import auth, edge, errors
-from .api import bundles, dag_runs, dags, datasets, health, orgs, query, runs, runtimes, triggers
+from .api import bundles, chains, dag_runs, dags, datasets, health, orgs, query, runs, runtimes, triggers
 from .api import task as task_api_blueprint
 
 
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             "security": [{"bearer": []}]},
     )
     api = Api(app)
-    for module in (health, orgs, dags, runs, dag_runs, bundles, runtimes, datasets, query, triggers,
+    for module in (health, orgs, dags, runs, dag_runs, bundles, runtimes, datasets, query, triggers, chains,
                    task_api_blueprint):
         api.register_blueprint(module.blp)
     errors.register(app)  # after Api: replaces flask-smorest's own error shape

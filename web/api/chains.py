@@ -28,16 +28,17 @@ blp = Blueprint("chains", __name__, url_prefix="/v1",
 
 
 class Finality(Schema):
-    tag = fields.String(validate=validate.OneOf(["finalized", "safe"]))
+    tag = fields.String(validate=[validate.Length(1, 16), validate.OneOf(["finalized", "safe"])])
     depth = fields.Integer(validate=validate.Range(0, chains.MAX_FINALITY_DEPTH))
 
 
 class ChainCreate(Schema):
-    name = fields.String(required=True, metadata={"description": "^[a-z][a-z0-9]{0,31}$; prefixes the datasets"})
+    name = fields.String(required=True, validate=validate.Length(1, 32), metadata={"description": "^[a-z][a-z0-9]{0,31}$; prefixes the datasets"})
     chain_id = fields.Integer(required=True, validate=validate.Range(0, 2**63 - 1))
-    rpc_urls = fields.List(fields.String(), required=True, validate=validate.Length(1, chains.MAX_RPC_URLS),
+    rpc_urls = fields.List(fields.String(validate=validate.Length(1, 2048)), required=True, validate=validate.Length(1, chains.MAX_RPC_URLS),
                            metadata={"description": "HTTP(S) JSON-RPC endpoints, in order of preference"})
-    ws_url = fields.String(allow_none=True, metadata={"description": "WebSocket endpoint for newHeads"})
+    ws_url = fields.String(allow_none=True, validate=validate.Length(1, 2048),
+                           metadata={"description": "WebSocket endpoint for newHeads"})
     finality = fields.Nested(Finality, metadata={"description": '{"tag": "finalized"} or {"depth": N} (default 64)'})
     start_block = fields.Integer(validate=validate.Range(0, 2**40),
                                  metadata={"description": "First block followed (rounded down to a 1000-block chunk)"})
@@ -87,9 +88,10 @@ class ResumeIn(Schema):
 
 
 class BackfillCreate(Schema):
-    from_block = fields.Integer(required=True)
-    to_block = fields.Integer(required=True)
-    datasets = fields.List(fields.String(), load_default=None)
+    from_block = fields.Integer(required=True, validate=validate.Range(0, 2**40))
+    to_block = fields.Integer(required=True, validate=validate.Range(0, 2**40))
+    datasets = fields.List(fields.String(validate=validate.Length(1, 16)), load_default=None,
+                           validate=validate.Length(1, 3))
 
 
 class BackfillOut(Schema):
@@ -201,10 +203,10 @@ def get_backfill(backfill_id: str) -> ResponseReturnValue:
     try:
         key = uuid.UUID(backfill_id)
     except ValueError:
-        raise NotFound(f"no backfill {backfill_id!r}") from None
+        raise NotFound("no such backfill") from None
     backfill = db.session.get(backfills.Backfill, key)
     if backfill is None:
-        raise NotFound(f"no backfill {backfill_id!r}")
+        raise NotFound("no such backfill")
     now = db.session.execute(select(func.now())).scalar_one()
     return backfills.progress(backfill, now=now)
 
