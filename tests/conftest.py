@@ -35,7 +35,8 @@ from tracecore.settings import Settings, configure
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("chain_backfill_chunks", "chain_backfills", "chain_chunks", "chain_reorgs", "chain_logs",
-          "chain_transactions", "chain_blocks", "chains", "trigger_firings", "scheduled_ticks", "schedules", "webhook_triggers",
+          "chain_transactions", "chain_blocks", "chains", "trigger_firings", "scheduled_ticks", "schedules",
+          "webhook_triggers",
           "dead_letters", "downloads", "saved_queries", "lineage_edges", "pii_grants", "dataset_grants",
           "partitions", "dataset_versions", "datasets",
           "audit_log", "bundles", "attempts", "tasks", "runs", "jobs", "dag_versions", "dags", "api_tokens",

@@ -33,9 +33,11 @@ class Finality(Schema):
 
 
 class ChainCreate(Schema):
-    name = fields.String(required=True, validate=validate.Length(1, 32), metadata={"description": "^[a-z][a-z0-9]{0,31}$; prefixes the datasets"})
+    name = fields.String(required=True, validate=validate.Length(1, 32),
+                         metadata={"description": "^[a-z][a-z0-9]{0,31}$; prefixes the datasets"})
     chain_id = fields.Integer(required=True, validate=validate.Range(0, 2**63 - 1))
-    rpc_urls = fields.List(fields.String(validate=validate.Length(1, 2048)), required=True, validate=validate.Length(1, chains.MAX_RPC_URLS),
+    rpc_urls = fields.List(fields.String(validate=validate.Length(1, 2048)), required=True,
+                           validate=validate.Length(1, chains.MAX_RPC_URLS),
                            metadata={"description": "HTTP(S) JSON-RPC endpoints, in order of preference"})
     ws_url = fields.String(allow_none=True, validate=validate.Length(1, 2048),
                            metadata={"description": "WebSocket endpoint for newHeads"})
