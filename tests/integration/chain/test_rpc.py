@@ -139,11 +139,13 @@ def test_block_bundle_equals_separate_calls(chain: AnvilNode) -> None:
         assert headers[2] is None
 
 
-def test_block_bundles_chunked_to_the_batch_size(chain: AnvilNode) -> None:
+def test_block_bundles_chunked_to_the_batch_size_and_in_parallel(chain: AnvilNode) -> None:
     head = chain.block_number()
     with RpcClient([chain.rpc_url], max_batch_blocks=2, max_batch_calls=3) as client:
-        assert [b[0]["number"] for b in client.block_bundles(list(range(head + 1))) if b] == [
-            hex(n) for n in range(head + 1)]
+        sequential = client.block_bundles(list(range(head + 1)))
+        assert [b[0]["number"] for b in sequential if b] == [hex(n) for n in range(head + 1)]
+        assert client.block_bundles(list(range(head + 1)), parallel=3) == sequential
+        assert 1 <= len(client.endpoints[0].idle) <= 3  # at most one kept-alive connection per thread, pooled
         assert [h["number"] for h in client.headers(list(range(head + 1))) if h] == [hex(n) for n in range(head + 1)]
 
 
