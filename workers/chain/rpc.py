@@ -412,6 +412,12 @@ class RpcClient:
                     self._failed(ep, exc)
                     errors.append(f"{ep.name}: {exc}")
                     continue
+                except RpcError as exc:  # the batch refused as a whole
+                    if exc.code != RATE_LIMITED:
+                        raise
+                    self._failed(ep, _EndpointFailed("rate limited (-32005)", rate_limited=True))
+                    errors.append(f"{ep.name}: rate limited (-32005)")
+                    continue
                 ep.failures, ep.last_error = 0, None
                 return entries if single_id is None else entries[0]
             now = time.monotonic()
@@ -529,6 +535,8 @@ def _tag(number: int) -> str:
 
 
 def _decode_single(body: Any, expected_id: int) -> dict[str, Any]:
+    if type(body) is dict and body.get("id") is None and isinstance(body.get("error"), dict):
+        raise _error_of(body["error"])  # refused before it was read (a parse error, a rate limit)
     if type(body) is not dict or body.get("id") != expected_id:
         raise MalformedAnswer("an answer that is not a JSON-RPC object with the request's id")
     if "result" not in body and not isinstance(body.get("error"), dict):

@@ -65,6 +65,9 @@ def misbehaving() -> Iterator[Callable[..., Misbehaving]]:
                     self._reply(500, b"internal error")
                 elif stand_in.answer == "429":
                     self._reply(429, b"slow down", {"Retry-After": stand_in.retry_after})
+                elif stand_in.answer == "-32005-whole":  # the batch refused as a whole
+                    refusal = {"jsonrpc": "2.0", "id": None, "error": {"code": -32005, "message": "limit exceeded"}}
+                    self._reply(200, json.dumps(refusal).encode())
                 elif stand_in.answer == "-32005":
                     payload = json.loads(body)
                     ids = [c["id"] for c in payload] if isinstance(payload, list) else [payload["id"]]
@@ -188,11 +191,14 @@ def test_failover_when_the_first_url_misbehaves(chain: AnvilNode, misbehaving: C
         assert bad.requests == 1  # skipped afterwards, for its backoff or its Retry-After
 
 
-@pytest.mark.parametrize("answer", ["429", "-32005"])
+@pytest.mark.parametrize("answer", ["429", "-32005", "-32005-whole"])
 def test_waits_out_a_rate_limit_when_no_other_url_answers(chain: AnvilNode, misbehaving: Callable[..., Misbehaving],
                                                           answer: str) -> None:
     limited = misbehaving(answer, chain.rpc_url, bad_requests=2, retry_after="0.1")
     with RpcClient([limited.url], backoff_base_s=0.05, max_wait_s=10) as client:
+        assert client.batch([("eth_blockNumber", [])]) == [hex(chain.block_number())]
+        assert limited.requests == 3
+        limited.requests = 0  # and a single call, refused the same way twice
         assert client.block_number() == chain.block_number()
         assert limited.requests == 3
 
