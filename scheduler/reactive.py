@@ -42,7 +42,7 @@ from sqlalchemy import func, or_, select, text
 
 from tracecore.dags.catalog import Job
 from tracecore.dags.trigger_spec import Batch
-from tracecore.data.datasets import Dataset
+from tracecore.data.datasets import PLATFORM_ORG_ID, Dataset
 from tracecore.data.schema import parse_partition_key
 from tracecore.db.engine import db
 from tracecore.exceptions import NotFound, ValidationError
@@ -64,6 +64,7 @@ class Update:
     partition_key: str | None
     created_at: datetime
     run_id: uuid.UUID | None
+    extra: dict[str, Any] | None = None  # the version's own window (a chain update: chain, reorg)
 
     @property
     def key(self) -> str:
@@ -71,7 +72,8 @@ class Update:
 
 
 _PENDING = text("""
-SELECT v.dataset_id, d.name AS dataset, v.version, v.partition_key, v.created_at, v.run_id
+SELECT v.dataset_id, d.name AS dataset, v.version, v.partition_key, v.created_at, v.run_id,
+       v.metadata -> 'window' AS extra
 FROM dataset_versions AS v JOIN datasets AS d ON d.id = v.dataset_id
 WHERE v.dataset_id = ANY(:dataset_ids) AND v.created_at > :floor
   AND (CAST(:only_dataset AS uuid) IS NULL OR (v.dataset_id = :only_dataset AND v.version = :only_version))
@@ -117,6 +119,8 @@ def update_window(update: Update) -> dict[str, Any]:
     window: dict[str, Any] = {"dataset": update.dataset, "version": update.version,
                               "partition_key": update.partition_key}
     window.update(_block_range(update.partition_key))
+    if update.extra:
+        window.update({key: value for key, value in update.extra.items() if key in ("chain", "reorg")})
     return window
 
 
@@ -143,6 +147,9 @@ def batch_window(updates: Sequence[Update]) -> dict[str, Any]:
     if ranges and all(ranges):
         window["block_start"] = min(r["block_start"] for r in ranges)
         window["block_end"] = max(r["block_end"] for r in ranges)
+    reorgs = [update.extra["reorg"] for update in updates if update.extra and "reorg" in update.extra]
+    if reorgs:  # every reorg the batch covers, oldest first: a consumer re-evaluates from the lowest fork
+        window["reorgs"] = reorgs
     return window
 
 
@@ -262,7 +269,8 @@ def on_dataset_updated(dataset_id: uuid.UUID | str, version: int) -> list[uuid.U
             return []
         now = db.session.execute(select(func.now())).scalar_one()
         made: list[uuid.UUID] = []
-        for job in _watchers(dataset.org_id):
+        # A platform dataset (a chain's) is read by every org: every org's watchers may want it.
+        for job in _watchers(None if dataset.org_id == PLATFORM_ORG_ID else dataset.org_id):
             inputs = [d.id for d in conditions.input_datasets(job)]
             if dataset.id in inputs:
                 made += evaluate(job, now, only=(dataset.id, int(version)), inputs=inputs)

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from tracecore.dags.bounds import bounds
 from tracecore.dags.spec import DagSpec, default_output_datasets, parse_dag
 from tracecore.data import datasets
+from tracecore.data.datasets import find_visible
 from tracecore.db.engine import Base, created_at, db, uuid_pk
 from tracecore.exceptions import Conflict, NotFound, ValidationError
 from tracecore.execution import bundles, operators
@@ -120,8 +121,15 @@ def save_dag(org_id: uuid.UUID, name: str, body: Any, *, content_type: str | Non
             return other_jobs[job_name]
         return operators.PLATFORM_SOURCES.get(job_name)
 
+    def dataset_exists(name: str) -> bool:
+        try:
+            find_visible(org_id, name)
+        except NotFound:
+            return False
+        return True
+
     spec = parse_dag(body, content_type=content_type, external_outputs=external_outputs,
-                     operators=operators.CATALOG, limits=bounds(current_settings()))
+                     operators=operators.CATALOG, limits=bounds(current_settings()), dataset_exists=dataset_exists)
     _check_bundles(org_id, spec)
     for index, job in enumerate(spec.jobs):
         if job.name in other_jobs:

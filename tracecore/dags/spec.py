@@ -62,8 +62,15 @@ class OperatorInfo(Protocol):
 
 @dataclass(frozen=True)
 class InputRef:
-    job: str
-    output: int
+    """An input: output ``output`` of job ``job``, or (``dataset`` set) a dataset by name: the org's
+    own, one granted to it (``<owner org>__<name>``), or a platform dataset (``anvil_logs``)."""
+
+    job: str = ""
+    output: int = 0
+    dataset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset} if self.dataset is not None else {"job": self.job, "output": self.output}
 
 
 @dataclass(frozen=True)
@@ -142,13 +149,13 @@ class JobSpec:
 
     def dependencies(self) -> list[str]:
         """Jobs this one reads from or is triggered by (in this DAG or not), deduplicated."""
-        names = [ref.job for ref in self.inputs] + list(trigger_jobs(self.trigger))
+        names = [ref.job for ref in self.inputs if ref.dataset is None] + list(trigger_jobs(self.trigger))
         return list(dict.fromkeys(names))
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized form as plain JSON values (what the database stores)."""
         out = asdict(self)
-        out["inputs"] = [asdict(ref) for ref in self.inputs]
+        out["inputs"] = [ref.to_dict() for ref in self.inputs]
         out["unique_key"] = list(self.unique_key)
         out["output_datasets"] = [copy.deepcopy(dict(item)) for item in self.output_datasets]
         return out
@@ -243,10 +250,12 @@ class _Parser(TriggerRules):
     """One validation pass; accumulates errors instead of raising at the first one."""
 
     def __init__(self, operators: Mapping[str, OperatorInfo],
-                 external_outputs: Callable[[str], int | None], limits: Mapping[str, Bound]) -> None:
+                 external_outputs: Callable[[str], int | None], limits: Mapping[str, Bound],
+                 dataset_exists: Callable[[str], bool] = lambda name: True) -> None:
         self.operators = operators
         self.bounds = limits
         self.external_outputs = external_outputs
+        self.dataset_exists = dataset_exists
         self.errors: list[dict[str, str]] = []
         self.first_details: dict[str, Any] = {}
         self.first_index: dict[str, int] = {}  # job name -> index of its first definition
@@ -516,10 +525,16 @@ class _Parser(TriggerRules):
             if entry is None:
                 continue
             if "from" not in entry:
-                self.error("missing_key", f"{item_path}.from", "an input needs 'from: {job, output}'")
+                self.error("missing_key", f"{item_path}.from",
+                           "an input needs 'from: {job, output}' or 'from: {dataset}'")
                 continue
-            source = self.mapping(entry["from"], f"{item_path}.from", ("job", "output"))
+            source = self.mapping(entry["from"], f"{item_path}.from", ("job", "output", "dataset"))
             if source is None:
+                continue
+            if "dataset" in source:
+                ref = self.dataset_input(source, f"{item_path}.from")
+                if ref is not None:
+                    refs.append(ref)
                 continue
             for key in ("job", "output"):
                 if key not in source:
@@ -541,6 +556,23 @@ class _Parser(TriggerRules):
                 if isinstance(job, str):  # else an error is already recorded
                     refs.append(InputRef(job, output))
         return tuple(refs)
+
+    def dataset_input(self, source: Mapping[str, Any], path: str) -> InputRef | None:
+        if set(source) != {"dataset"}:
+            self.error("invalid_value", path, "'from: {dataset}' takes no 'job' or 'output'")
+            return None
+        name = source["dataset"]
+        if not self.check(name, "string", f"{path}.dataset"):
+            return None
+        own_name = name.rpartition("__")[2]
+        if not dataset_schema.DATASET_NAME_RE.fullmatch(own_name) or len(name) > 200:
+            self.error("invalid_value", f"{path}.dataset", f"{_short(name)!r} is not a dataset name")
+            return None
+        if not self.dataset_exists(name):
+            self.error("unknown_input_dataset", f"{path}.dataset",
+                       f"no dataset {name!r} this organization can read (its own, granted, or a chain's)")
+            return None
+        return InputRef(dataset=name)
 
     def job_unique_key(self, value: Any, path: str, i: int) -> tuple[str, ...] | None:
         keys = [value] if isinstance(value, str) else value
@@ -627,17 +659,20 @@ class _Parser(TriggerRules):
 
 def parse_dag(body: bytes | str | object, *, content_type: str | None = None,
               external_outputs: Callable[[str], int | None] = lambda name: None,
-              operators: Mapping[str, OperatorInfo], limits: Mapping[str, Bound] | None = None) -> DagSpec:
+              operators: Mapping[str, OperatorInfo], limits: Mapping[str, Bound] | None = None,
+              dataset_exists: Callable[[str], bool] = lambda name: True) -> DagSpec:
     """Parse raw YAML/JSON text or an already-parsed object into a validated DagSpec.
 
     ``external_outputs(name)`` tells how many outputs a job outside this DAG has
     (another DAG of the org, or a platform source such as ``block_follower``), or
     None if there is no such job; a job of this DAG wins over an external one.
-    ``limits`` are the numeric bounds (``tracecore.dags.bounds.bounds(settings)``; default: the
-    settings' defaults). Raises ValidationError listing every problem in ``details["errors"]``.
+    ``dataset_exists(name)`` tells whether a ``from: {dataset}`` input names a dataset the org
+    can read (default: any name is taken). ``limits`` are the numeric bounds
+    (``tracecore.dags.bounds.bounds(settings)``; default: the settings' defaults). Raises
+    ValidationError listing every problem in ``details["errors"]``.
     """
     data = load_body(body, content_type) if isinstance(body, (bytes, str)) else body
-    return _Parser(operators, external_outputs, limits or bounds()).parse(data)
+    return _Parser(operators, external_outputs, limits or bounds(), dataset_exists).parse(data)
 
 
 def _short(value: Any) -> str:

@@ -521,9 +521,19 @@ def pinned_inputs(org_id: uuid.UUID, job_spec: Mapping[str, Any]) -> list[dict[s
     """
     pins: dict[str, dict[str, Any]] = {}
     for ref in job_spec.get("inputs") or ():
+        if ref.get("dataset") is not None:
+            _pin(pins, str(ref["dataset"]), datasets.find_visible(org_id, str(ref["dataset"])))
+            continue
         name, output = str(ref["job"]), int(ref["output"])
         job = db.session.scalar(select(Job).where(Job.org_id == org_id, Job.name == name, Job.deleted_at.is_(None)))
         if job is None:
+            if name == "block_follower" and output < len(operators.BLOCK_FOLLOWER_OUTPUTS):
+                chain_dataset = f"{current_settings().default_chain}_{operators.BLOCK_FOLLOWER_OUTPUTS[output]}"
+                try:
+                    _pin(pins, chain_dataset, datasets.find_visible(org_id, chain_dataset))
+                    continue
+                except NotFound:
+                    pass  # no such chain registered: lineage only, as before chains existed
             if name in operators.PLATFORM_SOURCES:
                 pins.setdefault(f"source:{name}", {"source": name})
                 continue
@@ -535,6 +545,11 @@ def pinned_inputs(org_id: uuid.UUID, job_spec: Mapping[str, Any]) -> list[dict[s
         pins.setdefault(str(dataset.id), {"dataset": dataset.name, "version": dataset.current_version,
                                           "partition": None, "dataset_id": str(dataset.id)})
     return list(pins.values())
+
+
+def _pin(pins: dict[str, dict[str, Any]], name: str, dataset: datasets.Dataset) -> None:
+    pins.setdefault(str(dataset.id), {"dataset": name, "version": dataset.current_version, "partition": None,
+                                      "dataset_id": str(dataset.id)})
 
 
 # -- transports ---------------------------------------------------------------------------

@@ -44,13 +44,16 @@ register(OperatorInfo("udf", "Runs the job's UDF bundle in a sandbox.", needs_ud
                       implementation="workers.operators.udf:run"))
 register(OperatorInfo("alert_evaluate", "Evaluates alert conditions with a UDF bundle and emits alert_events.",
                       needs_udf=True, implementation="workers.operators.udf:run"))
-register(OperatorInfo("block_follower", "Platform ingestion of new blocks at the chain tip."))
+register(OperatorInfo("block_follower", "Platform ingestion of new blocks at the chain tip: not a job an org "
+                                        "defines, a source it reads (`trace follow` runs it)."))
 register(OperatorInfo("http_ingest", "Platform ingestion of an off-chain JSON feed from an allowlisted URL "
                       "into the job's buffered dataset.", implementation="workers.operators.http_ingest:run"))
 
 # Jobs every org can name as an input without defining them: platform sources.
 # Maps the job name to its number of outputs.
-PLATFORM_SOURCES: dict[str, int] = {"block_follower": 1}
+PLATFORM_SOURCES: dict[str, int] = {"block_follower": 3}
+# What block_follower's outputs are: the default chain's (TRACE_DEFAULT_CHAIN) datasets <chain>_<kind>.
+BLOCK_FOLLOWER_OUTPUTS = ("blocks", "transactions", "logs")
 
 
 def load_plugins(modules: tuple[str, ...]) -> None:
