@@ -233,3 +233,52 @@ def test_subscription_delivers_heads_and_survives_a_restart(anvil: AnvilFactory)
         restarted = node.block(int(after["number"], 16))  # type: ignore[index]
         assert restarted is not None and restarted["hash"] == after["hash"]  # type: ignore[index]
     assert not heads._thread.is_alive()
+
+
+def test_subscription_ignores_hostile_messages() -> None:
+    """A stand-in for a hostile node's WebSocket (anvil never sends these): the first connection
+    refuses eth_subscribe; the second acknowledges it, then sends garbage, heads of another
+    subscription, malformed heads, one valid head and a message over the size bound (which drops
+    the connection); the third sends one more valid head. Only the two valid heads come out."""
+    from websockets.sync.server import ServerConnection, serve
+
+    good = [{"hash": "0x" + f"{n:064x}", "number": hex(n), "parentHash": "0x" + "00" * 32} for n in (7, 8)]
+    connections: list[int] = []
+
+    def handler(ws: ServerConnection) -> None:
+        connections.append(1)
+        request = json.loads(ws.recv())
+        assert request["method"] == "eth_subscribe" and request["params"] == ["newHeads"]
+        if len(connections) == 1:
+            ws.send(json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "no"}}))
+            return
+
+        def note(subscription: str, head: object) -> str:
+            return json.dumps({"jsonrpc": "2.0", "method": "eth_subscription",
+                               "params": {"subscription": subscription, "result": head}})
+
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": "0xs1"}))
+        if len(connections) == 2:
+            for message in ["not json", "[]", note("0xother", good[1]), note("0xs1", "0x12"),
+                            note("0xs1", {"hash": "0x12", "number": "0x1"}),
+                            note("0xs1", {"hash": good[0]["hash"], "number": 5}), note("0xs1", good[0]),
+                            note("0xs1", {"junk": "x" * 3000})]:
+                ws.send(message)
+        else:
+            ws.send(note("0xs1", good[1]))
+        try:
+            ws.recv(timeout=30)  # until the client goes
+        except Exception:
+            pass
+
+    with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        with HeadSubscription(f"ws://127.0.0.1:{port}", max_message_bytes=2000, backoff_base_s=0.05,
+                              backoff_cap_s=0.2) as heads:
+            first = wait_for(lambda: heads.get(1.0), timeout=30, message="the valid head")
+            second = wait_for(lambda: heads.get(1.0), timeout=30, message="the head after the reconnect")
+            assert [first, second] == good
+            assert heads.get(0.2) is None
+            assert len(connections) == 3 and heads.connects == 2
+        server.shutdown()
