@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import cryo as cryo_tool  # type: ignore[import-untyped]  # PyPI cryo==0.3.2 (the test extra)
 import pyarrow.parquet as pq
 
 from tests.integration.chain.conftest import DEV_ACCOUNTS, AnvilFactory, AnvilNode
@@ -34,8 +35,6 @@ def varied_chain(node: AnvilNode) -> None:
 
 
 def test_tables_equal_cryo_freeze(anvil: AnvilFactory, tmp_path: Path) -> None:
-    import cryo as cryo_tool  # type: ignore[import-untyped]  # PyPI cryo==0.3.2 (the test extra)
-
     node = anvil()
     varied_chain(node)
     head = node.block_number()
@@ -75,3 +74,16 @@ def test_tables_equal_cryo_freeze(anvil: AnvilFactory, tmp_path: Path) -> None:
     assert max(v for v in transactions["value_f64"].to_pylist() if v is not None) > 2.0**64
     logs = tables["logs"]
     assert None in logs["topic0"].to_pylist() and logs["topic3"].drop_null().to_pylist() != []
+
+
+def test_chunk_file_names_equal_cryos(anvil: AnvilFactory, tmp_path: Path) -> None:
+    """cryo's names for aligned chunks of a range, end inclusive, and a named network."""
+    node = anvil()
+    node.mine(30)
+    asyncio.run(cryo_tool.async_freeze(["blocks"], blocks=["3:31"], rpc=node.rpc_url, output_dir=str(tmp_path),
+                                       hex=False, chunk_size=10, align=True, network_name="anvil"))
+    names = sorted(p.name for p in tmp_path.glob("*.parquet"))
+    # aligned: the partial chunk before 10 is left out, the one at the end (30..30) is written
+    assert names == [cryo.file_name("anvil", "blocks", start, min(start + 9, 30)) for start in (10, 20, 30)]
+    assert [cryo.parse_file_name(name) for name in names] == [
+        ("anvil", "blocks", 10, 19), ("anvil", "blocks", 20, 29), ("anvil", "blocks", 30, 30)]
