@@ -14,7 +14,7 @@ from typing import Any
 
 from tracecore.chain import backfills, cold, ingest
 from tracecore.chain.chains import get_chain
-from tracecore.chain.cryo import tables_from_rpc
+from tracecore.chain.cryo import MalformedChainData, tables_from_rpc
 from tracecore.db.engine import db
 from tracecore.infra.storage import ObjectStore
 from tracecore.settings import current_settings
@@ -71,7 +71,7 @@ def run_chunk(backfill_id: str, start: int, *, store: ObjectStore) -> str:
             backfills.record_chunk(backfill.id, start, blocks=end - start + 1, skipped=False)
             db.session.commit()
             return "written"
-        except (RpcError, ValueError, OSError) as exc:
+        except (RpcError, MalformedChainData, ValueError, OSError) as exc:
             db.session.rollback()
             error = f"chunk {start}..{end}: {exc}"
             log.warning("backfill %s: %s", backfill_id, error)

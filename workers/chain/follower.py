@@ -41,7 +41,7 @@ from flask import Flask
 from tracecore import events
 from tracecore.chain import cold, ingest, sql
 from tracecore.chain.chains import ChainState, finality_depth, get_chain, list_chains
-from tracecore.chain.cryo import tables_from_rpc
+from tracecore.chain.cryo import MalformedChainData, tables_from_rpc
 from tracecore.chain.ingest import Committed, Fenced, Header, Lease
 from tracecore.db.engine import db
 from tracecore.infra.storage import object_store
@@ -101,7 +101,7 @@ class ChainFollower:
                 except ingest.ChainStopped:
                     self._drop()
                     self.stop.wait(1.0)
-                except (RpcError, OSError) as exc:
+                except (RpcError, MalformedChainData, OSError) as exc:
                     log.warning("chain %s: node error: %s", self.chain_name, exc)
                     db.session.rollback()
                     self.stop.wait(self.settings.chain_poll_interval)
