@@ -207,9 +207,10 @@ class Processes:
         self.logs = tmp_path
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
-            process = subprocess.Popen([sys.executable, "-m", "web.cli", *args], env=process_env(self.settings),
+            process = subprocess.Popen([sys.executable, "-m", "web.cli", *args],
+                                       env={**process_env(self.settings), **(env or {})},
                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         process.log_path = self.logs / f"{name}.log"  # type: ignore[attr-defined]
         self.started.append(process)

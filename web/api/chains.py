@@ -29,20 +29,20 @@ blp = Blueprint("chains", __name__, url_prefix="/v1",
 
 class Finality(Schema):
     tag = fields.String(validate=[validate.Length(1, 16), validate.OneOf(["finalized", "safe"])])
-    depth = fields.Integer(validate=validate.Range(0, chains.MAX_FINALITY_DEPTH))
+    depth = fields.Integer(strict=True, validate=validate.Range(0, chains.MAX_FINALITY_DEPTH))
 
 
 class ChainCreate(Schema):
     name = fields.String(required=True, validate=validate.Length(1, 32),
                          metadata={"description": "^[a-z][a-z0-9]{0,31}$; prefixes the datasets"})
-    chain_id = fields.Integer(required=True, validate=validate.Range(0, 2**63 - 1))
+    chain_id = fields.Integer(required=True, strict=True, validate=validate.Range(0, 2**63 - 1))
     rpc_urls = fields.List(fields.String(validate=validate.Length(1, 2048)), required=True,
                            validate=validate.Length(1, chains.MAX_RPC_URLS),
                            metadata={"description": "HTTP(S) JSON-RPC endpoints, in order of preference"})
     ws_url = fields.String(allow_none=True, validate=validate.Length(1, 2048),
                            metadata={"description": "WebSocket endpoint for newHeads"})
     finality = fields.Nested(Finality, metadata={"description": '{"tag": "finalized"} or {"depth": N} (default 64)'})
-    start_block = fields.Integer(validate=validate.Range(0, 2**40),
+    start_block = fields.Integer(strict=True, validate=validate.Range(0, 2**40),
                                  metadata={"description": "First block followed (rounded down to a 1000-block chunk)"})
 
 
@@ -90,8 +90,8 @@ class ResumeIn(Schema):
 
 
 class BackfillCreate(Schema):
-    from_block = fields.Integer(required=True, validate=validate.Range(0, 2**40))
-    to_block = fields.Integer(required=True, validate=validate.Range(0, 2**40))
+    from_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, 2**40))
+    to_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, 2**40))
     datasets = fields.List(fields.String(validate=validate.Length(1, 16)), load_default=None,
                            validate=validate.Length(1, 3))
 
