@@ -298,6 +298,62 @@ def _status_line(run: dict, elapsed: float) -> str:
     return f"{run['status']}: tasks {detail or 'none'}; attempts {attempts} ({elapsed:.1f} s)"
 
 
+def cmd_chains(args: argparse.Namespace, settings: Settings) -> int:
+    client = Client(settings)
+    if args.name:
+        chain = client.call("GET", f"/v1/chains/{args.name}")
+        for key in ("name", "chain_id", "state", "stopped_reason", "head", "ingested_block", "lag_blocks", "lag_ms",
+                    "finalized_block", "cold_boundary", "start_block", "finality"):
+            print(f"{key:<16} {chain[key]}")
+        for endpoint in chain["rpc_health"]:
+            print(f"rpc              {endpoint['url']}  {'ok' if endpoint['ok'] else 'failing'}  "
+                  f"{endpoint.get('last_error') or ''}".rstrip())
+        for reorg in client.call("GET", f"/v1/chains/{args.name}/reorgs", params={"limit": 5}):
+            print(f"reorg            at {reorg['fork_block']} depth {reorg['depth']} {reorg['detected_at']}"
+                  + ("  PAST FINALITY" if reorg["beyond_finality"] else ""))
+        return 0
+    found = client.call("GET", "/v1/chains")
+    for chain in found:
+        print(f"{chain['name']:<12} {chain['state']:<10} head {chain['head']}  ingested {chain['ingested_block']}  "
+              f"lag {chain['lag_blocks']} blocks  final {chain['finalized_block']}  cold <= {chain['cold_boundary']}")
+    if not found:
+        print("no chains")
+    return 0
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // max(total, 1)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    """Start a backfill and show its progress until it ends (exit 0 only when it is done)."""
+    client = Client(settings)
+    body: dict[str, Any] = {"from_block": args.from_block, "to_block": args.to_block}
+    if args.datasets:
+        body["datasets"] = args.datasets.split(",")
+    backfill = client.call("POST", f"/v1/chains/{args.chain}/backfills", json=body)
+    print(f"backfill {backfill['id']}: blocks {backfill['from_block']}..{backfill['to_block']}, "
+          f"{backfill['chunks_total']} chunk(s)", flush=True)
+    if args.no_wait:
+        return 0
+    live = sys.stdout.isatty()
+    while True:
+        backfill = client.call("GET", f"/v1/backfills/{backfill['id']}")
+        eta = f" ETA {backfill['eta_s']:.0f}s" if backfill["eta_s"] is not None else ""
+        line = (f"{_bar(backfill['chunks_done'], backfill['chunks_total'])} {backfill['chunks_done']}/"
+                f"{backfill['chunks_total']} chunks, {backfill['blocks_per_s']:.0f} blocks/s{eta}")
+        print(("\r\033[K" if live else "") + line, end="" if live else "\n", flush=True)
+        if backfill["state"] != "running":
+            if live:
+                print()
+            if backfill["state"] == "failed":
+                print(f"trace: backfill failed: {backfill['error']}", file=sys.stderr)
+                return 1
+            return 0
+        time.sleep(0.5)
+
+
 def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
     params = {key: value for key, value in (("job", args.job), ("status", args.status)) if value}
     found = Client(settings).call("GET", "/v1/runs", params=params)
@@ -370,6 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", action="store_true", help="follow the run until it finishes")
     run.add_argument("--config", help="JSON object overriding the job's config")
     run.set_defaults(func=cmd_run)
+    chains = commands.add_parser("chains", help="the chains Trace follows: tip, lag, finality, reorgs")
+    chains.add_argument("name", nargs="?")
+    chains.set_defaults(func=cmd_chains)
+    backfill = commands.add_parser("backfill", help="write a chain's history to cold chunks, with progress")
+    backfill.add_argument("chain")
+    backfill.add_argument("from_block", type=int)
+    backfill.add_argument("to_block", type=int)
+    backfill.add_argument("--datasets", help="comma-separated: blocks,transactions,logs (default all)")
+    backfill.add_argument("--no-wait", action="store_true", help="start it and return")
+    backfill.set_defaults(func=cmd_backfill)
     runs = commands.add_parser("runs", help="list recent runs")
     runs.add_argument("--job")
     runs.add_argument("--status")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -9,12 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
 
 from tests.conftest import ROOT, wait_for
 from tracecore.infra.embedded import free_port
+
+pytest_plugins = ["tests.integration.chain.conftest"]
 
 
 def _trace_processes(home: Path) -> list[psutil.Process]:
@@ -38,11 +42,18 @@ def _cli(home: Path, port: int, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
-def test_up_serves_runs_jobs_and_stops_cleanly(tmp_path: Path) -> None:
+def test_up_serves_runs_jobs_and_stops_cleanly(tmp_path: Path, anvil: Any) -> None:
     home = Path(f"/tmp/trace-up-{os.getpid()}")  # short: the PostgreSQL socket path has a length limit
     port = free_port()
+    node = anvil(block_time=None)
+    node.deploy_emitter()
+    node.send_txs(4)
+    node.mine(1100)  # history below the follower's start (1000), final under a 12-block depth
+    chain = {"name": "anvil", "chain_id": 31337, "rpc_urls": [node.rpc_url], "ws_url": node.ws_url,
+             "finality": {"depth": 12}, "start_block": 1000}
     env = {key: value for key, value in os.environ.items() if not key.startswith("TRACE_")}
-    env.update({"TRACE_HOME": str(home), "TRACE_PORT": str(port), "PYTHONWARNINGS": "ignore"})
+    env.update({"TRACE_HOME": str(home), "TRACE_PORT": str(port), "PYTHONWARNINGS": "ignore",
+                "TRACE_CHAINS": json.dumps([chain])})
     log = tmp_path / "up.log"
     with open(log, "wb") as output:
         up = subprocess.Popen([sys.executable, "-m", "web.cli", "up"], env=env, cwd=ROOT, stdout=output,
@@ -87,6 +98,27 @@ def test_up_serves_runs_jobs_and_stops_cleanly(tmp_path: Path) -> None:
         refused = _cli(home, port, "apply", str(bad))
         assert refused.returncode == 1 and "unknown_operator" in refused.stderr and "jobs[0].operator" in \
             refused.stderr and "Traceback" not in refused.stderr
+
+        # The chain of TRACE_CHAINS is followed by `trace up`'s follower; its history is backfilled
+        # by the worker's chunk tasks, and the query service sees cold and hot as one table.
+        headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+
+        def chain_status() -> dict[str, Any]:
+            return dict(requests.get(f"http://127.0.0.1:{port}/v1/chains/anvil", headers=headers, timeout=5).json())
+
+        wait_for(lambda: (chain_status().get("finalized_block") or 0) >= 999 and
+                 chain_status().get("ingested_block") == node.block_number(), timeout=60,
+                 message="the follower to reach the tip")
+        listed = _cli(home, port, "chains")
+        assert listed.returncode == 0 and "anvil" in listed.stdout and "following" in listed.stdout, listed
+        filled = _cli(home, port, "backfill", "anvil", "0", "999")
+        assert filled.returncode == 0, filled.stderr
+        assert "1/1 chunks" in filled.stdout, filled.stdout
+        counted = requests.post(f"http://127.0.0.1:{port}/v1/query", headers=headers, timeout=30,
+                                json={"sql": "SELECT count(*) AS n FROM anvil_blocks"}).json()
+        assert counted["rows"] == [{"n": node.block_number() + 1}], counted
+        beyond = _cli(home, port, "backfill", "anvil", "0", "5000")
+        assert beyond.returncode == 1 and "beyond_finality" in beyond.stderr, beyond
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
