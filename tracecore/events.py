@@ -34,6 +34,13 @@ dataset_version_committed: NamedSignal = _events.signal("dataset-version-committ
 task_succeeded: NamedSignal = _events.signal("task-succeeded")
 
 
+#: A chain's ingestion stopped: a reorg reached below its finality boundary and nothing was
+#: rewritten. Data: ``chain`` (str), ``reason`` (str), ``fork_block`` (int), ``depth`` (int). Sent by
+#: ``workers.chain.follower``; the installation's system alerts subscribe (Prometheus reads the same
+#: fact from ``chains.state``).
+chain_ingestion_stopped: NamedSignal = _events.signal("chain-ingestion-stopped")
+
+
 def emit(signal: NamedSignal, sender: Any, **data: Any) -> None:
     """Send ``signal`` to each receiver in turn; one that fails is logged, not raised, and the
     others still run (the fact stands either way)."""

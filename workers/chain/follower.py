@@ -292,6 +292,9 @@ class ChainFollower:
         finalized = self.finalized_for(headers[-1].number)
         done = ingest.commit(self.lease, headers, tables, finalized=finalized, head_at=head_at)
         self.committed.append(done)
+        if done.stopped is not None and done.reorg is not None:
+            events.emit(events.chain_ingestion_stopped, self.app, chain=self.chain_name, reason=done.stopped,
+                        fork_block=done.reorg["fork_block"], depth=done.reorg["depth"])
         for dataset_id, version in done.versions:
             events.emit(events.dataset_version_committed, self.app, dataset_id=dataset_id, version=version)
 

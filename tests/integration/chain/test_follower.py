@@ -16,6 +16,7 @@ from flask import Flask
 from sqlalchemy import select, text
 
 from tests.conftest import wait_for
+from tracecore import events
 from tracecore.chain import chains, registration
 from tracecore.chain.hot import ChainReorg
 from tracecore.data.datasets import DatasetVersion
@@ -168,6 +169,12 @@ def test_a_reorg_past_finality_stops_the_chain(anvil: Callable[..., AnvilNode], 
     node = anvil(block_time=None)
     node.mine(20)
     register(node, depth=2)
+    announced: list[dict[str, Any]] = []
+
+    def receiver(sender: Any, **data: Any) -> None:
+        announced.append(data)
+
+    events.chain_ingestion_stopped.connect(receiver)
     follow()
     head = caught_up(node)
     before = stored(head)
@@ -183,6 +190,9 @@ def test_a_reorg_past_finality_stops_the_chain(anvil: Callable[..., AnvilNode], 
     assert "finality" in (chain.stopped_reason or "")
     assert stored(head) == before, "nothing was rewritten"
     assert db.session.scalars(select(ChainReorg.beyond_finality)).all() == [True]
+    wait_for(lambda: announced, message="the system event")
+    events.chain_ingestion_stopped.disconnect(receiver)
+    assert announced[0]["chain"] == "anvil" and announced[0]["fork_block"] == 16 and announced[0]["depth"] == 5
 
 
 def test_another_follower_takes_over_without_gap_or_duplicate(anvil: Callable[..., AnvilNode], app: Flask,
