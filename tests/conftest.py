@@ -33,6 +33,8 @@ from tracecore.db.migrate import upgrade
 from tracecore.infra.embedded import EmbeddedServices
 from tracecore.settings import Settings, configure
 
+pytest_plugins = ["tests.anvil"]  # the `anvil` fixture: real chain nodes, for any test that needs one
+
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("chain_backfill_chunks", "chain_backfills", "chain_chunks", "chain_reorgs", "chain_logs",
           "chain_transactions", "chain_blocks", "chains", "trigger_firings", "scheduled_ticks", "schedules",

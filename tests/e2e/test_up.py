@@ -18,8 +18,6 @@ import requests
 from tests.conftest import ROOT, wait_for
 from tracecore.infra.embedded import free_port
 
-pytest_plugins = ["tests.integration.chain.conftest"]
-
 
 def _trace_processes(home: Path) -> list[psutil.Process]:
     """Every process that belongs to this Trace home: children, postgres, redis."""

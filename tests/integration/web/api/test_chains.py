@@ -12,14 +12,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import text
 
+from tests.anvil import AnvilNode
 from tests.conftest import Tenant, wait_for
-from tests.integration.chain.conftest import AnvilNode
 from tests.integration.chain.test_follower import caught_up
 from tracecore.db.engine import db
 from tracecore.tenancy import orgs
 from workers.chain.follower import ChainFollower
-
-pytest_plugins = ["tests.integration.chain.conftest"]
 
 
 @pytest.fixture
