@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 
 # anvil's first default account (mnemonic "test test ... junk"): funded and unlocked, so
 # eth_sendTransaction needs no signature.

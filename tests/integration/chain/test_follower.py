@@ -237,3 +237,25 @@ def test_updates_reach_the_query_service(anvil: Callable[..., AnvilNode], app: F
                        headers=tenant.headers("reader")).get_json()["rows"][0]["n"]
     assert logs == len(canonical(node, head)["logs"])
     assert uuid.UUID(str(tenant.org_id))
+
+
+def test_a_finality_tag_is_the_nodes_own_answer(anvil: Callable[..., AnvilNode], app: Flask,
+                                                follow: Callable[..., ChainFollower]) -> None:
+    node = anvil(block_time=None)
+    node.mine(100)
+    chain = registration.register(chains.parse_spec({"name": "anvil", "chain_id": 31337, "rpc_urls": [node.rpc_url],
+                                                     "finality": {"tag": "finalized"}}))
+    db.session.commit()
+    assert chain.finality == {"tag": "finalized"}
+    follow()
+    caught_up(node)
+    final = int(node.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+    assert 0 < final < node.block_number()
+
+    def recorded() -> int | None:
+        db.session.rollback()
+        value = db.session.scalar(text("SELECT finalized_block FROM chains WHERE name = 'anvil'"))
+        db.session.rollback()
+        return value
+
+    wait_for(lambda: recorded() == final, message="the node's finalized block to be recorded")
