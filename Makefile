@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install docker images tools bench lint clean
+.PHONY: up test install docker images tools bench soak lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,11 @@ test: install images tools
 
 ## Benchmarks: each prints its figures beside a baseline measured in the same run.
 bench: install
-	$(BIN)/python benchmarks/dispatch.py && $(BIN)/python benchmarks/sandbox.py && $(BIN)/python benchmarks/query.py && $(BIN)/python benchmarks/publish.py && $(BIN)/python benchmarks/chain.py
+	$(BIN)/python benchmarks/dispatch.py && $(BIN)/python benchmarks/sandbox.py && $(BIN)/python benchmarks/query.py && $(BIN)/python benchmarks/publish.py && $(BIN)/python benchmarks/chain.py && $(BIN)/python benchmarks/ingest.py
+
+SOAK_MINUTES ?= 10
+soak: install  # random reorgs during live ingestion; ends with 0 mismatches, duplicates, gaps
+	$(BIN)/python benchmarks/ingest.py soak --minutes $(SOAK_MINUTES)
 
 lint: install
 	$(BIN)/ruff check .
