@@ -31,6 +31,14 @@ DUPLICATES = {
 }
 
 
+def reorg(node: AnvilNode, depth: int, salt: int) -> None:
+    """``anvil_reorg`` with a fresh transaction in each new block: every replaced block gets a new hash.
+    (``AnvilNode.reorg`` sends the same transactions each time; repeated over its own blocks it yields
+    the very same blocks, which is no reorg.)"""
+    fresh = [[node.tx_request(100 * salt + i), i] for i in range(depth)]
+    node.rpc("anvil_reorg", [depth, fresh])
+
+
 def test_random_reorgs_and_rollbacks_end_on_the_canonical_chain(
         anvil: Callable[..., AnvilNode], app: Flask, follow: Callable[..., ChainFollower]) -> None:  # noqa: F811
     rng = random.Random(13)
@@ -50,11 +58,14 @@ def test_random_reorgs_and_rollbacks_end_on_the_canonical_chain(
             caught_up(node)
         depth = rng.randint(1, min(10, node.block_number() - 1))
         if rng.random() < 0.6:
-            node.reorg(depth, txs=rng.randint(1, 3))
+            reorg(node, depth, salt=done["reorg"])
             done["reorg"] += 1
         else:
             node.rollback(depth)
-            node.mine(rng.randint(1, depth + 2))  # fewer blocks than dropped, as many, or more
+            # a fresh transaction (another block than the dropped one), then fewer blocks than dropped,
+            # as many, or more
+            node.wait_receipt(node.rpc("eth_sendTransaction", [node.tx_request(5000 + done["rollback"])]))
+            node.mine(rng.randint(0, depth + 1))
             done["rollback"] += 1
         if one_by_one:
             caught_up(node)
