@@ -138,6 +138,19 @@ class ChainFollower:
         self.lease, self.lease_at = lease, now
         return True
 
+    def _renew(self) -> None:
+        """Renew the lease between the commits of one long step (a catch-up of thousands of blocks
+        outlasts the TTL: without this the lease ran out mid-way, every commit after was Fenced and
+        the follower restarted its catch-up every TTL). Raises Fenced when another follower took it."""
+        assert self.lease is not None
+        now = time.monotonic()
+        if now - self.lease_at < self.settings.chain_lease_ttl / 3:
+            return
+        lease = ingest.take_lease(self.chain_name, self.owner, self.settings.chain_lease_ttl)
+        if lease is None or lease.fence != self.lease.fence:
+            raise Fenced(f"the lease of chain {self.chain_name} moved on (fence {self.lease.fence})")
+        self.lease_at = now
+
     def _start(self, lease: Lease) -> None:
         self._drop()
         chain = get_chain(self.chain_name)
@@ -290,6 +303,7 @@ class ChainFollower:
         headers = [header_of(block) for block, _ in bundles]
         tables: dict[str, pa.Table] = tables_from_rpc(list(bundles), self.chain_id)
         finalized = self.finalized_for(headers[-1].number)
+        self._renew()
         done = ingest.commit(self.lease, headers, tables, finalized=finalized, head_at=head_at)
         self.committed.append(done)
         if done.stopped is not None and done.reorg is not None:
