@@ -464,6 +464,8 @@ def main(args: argparse.Namespace) -> None:
         try:
             if "tip" in args.only:
                 tip_figure(platform, start, args)
+            if not {"catchup", "reorg", "backfill"} & set(args.only.split(",")):
+                return
             node = start(None)
             node.deploy_emitter()
             print(f"catch-up: mining {args.behind} blocks of {args.txs} tx ...", flush=True)
