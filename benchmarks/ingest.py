@@ -439,7 +439,10 @@ def backfill(node: AnvilNode, home: Path, rounds: int) -> dict[str, Any]:
 def reorgs(platform: Platform, node: AnvilNode, count: int, seed: int) -> dict[str, Any]:
     """The follower of ``catchup`` still runs; the node automines (no block time)."""
     rng = random.Random(seed)
-    took, first_commit, commits, depths = [], [], [], []
+    took: list[float] = []
+    first_commit: list[float] = []
+    commits: list[int] = []
+    depths: list[int] = []
     for _ in range(count):
         depth = rng.randint(1, 10)
         head = node.block_number()

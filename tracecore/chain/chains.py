@@ -139,7 +139,7 @@ def parse_spec(body: Any) -> ChainSpec:
 def get_chain(name: str) -> Chain:
     chain = db.session.scalar(select(Chain).where(Chain.name == name)) if isinstance(name, str) else None
     if chain is None:
-        raise NotFound(f"no chain named {name!r}", code="chain_not_found")
+        raise NotFound(f"no chain named {name!r}")
     return chain
 
 

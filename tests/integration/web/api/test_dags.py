@@ -91,7 +91,7 @@ BAD_DAGS = [
                  "jobs[1].inputs[0].from.output", id="missing-output-index"),
     pytest.param(job("src") + job("sink", feeds("src", 0)), "unknown_output",
                  "jobs[1].inputs[0].from.output", id="job-without-outputs"),
-    pytest.param(job("a", feeds("block_follower", 1)), "unknown_output", "jobs[0].inputs[0].from.output",
+    pytest.param(job("a", feeds("block_follower", 3)), "unknown_output", "jobs[0].inputs[0].from.output",
                  id="platform-source-output"),
     pytest.param(job("a", "trigger: {all_of: [ghost]}"), "unknown_trigger_job", "jobs[0].trigger.all_of[0]",
                  id="missing-trigger-job"),
@@ -188,12 +188,13 @@ def test_the_seed_example_is_accepted_as_written(client: FlaskClient, tenant: Te
     assert spec["unique_key"] == ["dedupe_key"]
     assert spec["config"] == {"max_lookback_seconds": 3600}
     assert spec["udf"] == {"bundle_id": bundle_id, "entrypoint": "trace.handler"}
-    # block_follower is a platform source: no job of the org, yet a valid input with exactly one output.
+    # block_follower is a platform source: no job of the org, yet a valid input with three outputs
+    # (the default chain's blocks, transactions, logs).
     assert client.get("/v1/jobs/block_follower", headers=tenant.headers()).status_code == 404
     source = client.get("/v1/dags/alerts", headers=tenant.headers()).json["versions"][0]["spec"]
     assert source["jobs"][0]["inputs"] == [{"job": "block_follower", "output": 0}]
-    second_output = seed_yaml.replace("output: 0", "output: 1")
-    assert_validation_error(put(client, tenant, "alerts", second_output), "unknown_output",
+    fourth_output = seed_yaml.replace("output: 0", "output: 3")
+    assert_validation_error(put(client, tenant, "alerts", fourth_output), "unknown_output",
                             "jobs[0].inputs[0].from.output")
 
 
