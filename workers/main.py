@@ -14,7 +14,7 @@ from . import messages
 
 def run(celery: Celery, settings: Settings, *, concurrency: int | None = None, pool: str = "prefork",
         name: str | None = None) -> None:
-    # Every queue in one BRPOP, taken in turn (kombu's round-robin order): docs/reliability.md#fairness.
+    # Every queue in one BRPOP, taken in turn (kombu's round-robin order): docs/reliability.md, Fairness.
     queues = ",".join(messages.queue_names(str(celery.conf.task_default_queue), settings.broker_org_queues))
     argv = ["worker", "--loglevel=WARNING", f"--concurrency={concurrency or settings.worker_concurrency}",
             f"--pool={pool}", f"--queues={queues}", f"--hostname={name or f'trace-{os.getpid()}@%h'}",

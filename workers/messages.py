@@ -14,7 +14,7 @@ through ``send_task``.
 Fairness: an org's messages go onto one of ``TRACE_BROKER_ORG_QUEUES`` queues named
 ``<default queue>.<n>``, ``n`` a hash of the org id (:func:`org_queue`); the worker consumes all
 of them and the default queue with kombu's round-robin order, so a flooding org's backlog sits in
-its own list while another org's message is taken next (docs/reliability.md#fairness).
+its own list while another org's message is taken next (docs/reliability.md, Fairness).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fairness under a flood: org queues taken in turn (workers/messages.py, docs/reliability.md#fairness).
+"""Fairness under a flood: org queues taken in turn (workers/messages.py, docs/reliability.md, Fairness).
 
 Real PostgreSQL, Redis and worker processes. Order, not timing, decides: org A's backlog is in the
 broker before any worker starts, org B's one run is triggered after it, and the one worker process
