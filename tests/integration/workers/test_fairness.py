@@ -10,16 +10,18 @@ which shows the test can fail); with org queues it is among the first two.
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Callable
 
 import pytest
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import text
 
 import tests.conftest as conftest
 from tests.conftest import Processes, Tenant, wait_for
-from tests.integration.workers.test_dispatcher import NOOP, SLEEPY, logs, put_dag, read_run, trigger
+from tests.integration.workers.test_dispatcher import FAILING, NOOP, SLEEPY, logs, put_dag, read_run, trigger
 from tracecore.db.engine import db
 from tracecore.settings import Settings
 from workers import messages
@@ -124,3 +126,64 @@ def test_org_queues_lose_and_duplicate_nothing_when_a_worker_is_killed(
                 assert states == ["lost", "succeeded"] and task["fence"] == 2, task
             else:
                 assert states == ["succeeded"] and task["fence"] == 1, task
+
+
+class PushedQueues:
+    """The lists every LPUSH of the broker names, seen through Redis MONITOR on its own thread."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.keys: list[str] = []
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        with self.client.monitor() as monitor:
+            self.ready.set()
+            for event in monitor.listen():  # the workers' BRPOP timeouts keep this loop turning
+                command = str(event.get("command", ""))
+                if command.upper().startswith("LPUSH "):
+                    self.keys.append(command.split(" ", 2)[1])
+                if self.stop.is_set():
+                    return
+
+    def __enter__(self) -> PushedQueues:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.client.close()
+
+
+def test_retries_and_capacity_refusals_go_back_onto_the_orgs_queue(
+        client: FlaskClient, tenant: Tenant, settings: Settings, processes: Processes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry (its backoff) and a task refused at the org's cap are sent again from the worker,
+    onto the queue their message came from: never the shared one, where the org's flood would
+    take turns beside every other org's."""
+    plain = conftest.process_env
+    monkeypatch.setattr(conftest, "process_env", lambda s: {**plain(s), "TRACE_ORG_MAX_RUNNING": "1"})
+    own = messages.org_queue("trace", settings.broker_org_queues, tenant.org_id)
+    assert own != "trace"
+    put_dag(client, tenant, "sleepers", SLEEPY.format(seconds=0.5))
+    put_dag(client, tenant, "flaky", FAILING.format(max_retries=1))
+    with PushedQueues(settings.broker_url or "") as pushed:
+        worker = processes.worker("w1", concurrency=2)
+        sleepers = [trigger(client, tenant, "sleepy") for _ in range(2)]  # the second waits for the cap
+        flaky = trigger(client, tenant, "flaky")  # fails, retried once, dead-lettered
+        try:
+            wait_for(lambda: all_succeeded(client, tenant, sleepers)
+                     and read_run(client, tenant, flaky)["status"] == "failed", timeout=60,
+                     message="the sleepers to succeed and the flaky run to fail")
+        except AssertionError as timed_out:
+            raise AssertionError(f"{timed_out}\n{logs(processes, [worker])}") from None
+    [task] = read_run(client, tenant, flaky)["tasks"]
+    assert [attempt["status"] for attempt in task["attempts"]] == ["failed", "failed"]
+    task_lists = [key for key in pushed.keys if key.startswith("trace")]
+    # three triggers, one retry, and at least one capacity refusal sent again
+    assert len(task_lists) >= 5, pushed.keys
+    assert set(task_lists) == {own}, pushed.keys
