@@ -42,7 +42,7 @@ test: install images tools
 
 ## Benchmarks: each prints its figures beside a baseline measured in the same run.
 bench: install
-	$(BIN)/python benchmarks/dispatch.py && $(BIN)/python benchmarks/sandbox.py && $(BIN)/python benchmarks/query.py && $(BIN)/python benchmarks/publish.py && $(BIN)/python benchmarks/chain.py && $(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/dispatch.py && $(BIN)/python benchmarks/sandbox.py && $(BIN)/python benchmarks/query.py && $(BIN)/python benchmarks/publish.py && $(BIN)/python benchmarks/chain.py && $(BIN)/python benchmarks/fairness.py && $(BIN)/python benchmarks/ingest.py
 
 SOAK_MINUTES ?= 10
 soak: install  # random reorgs during live ingestion; ends with 0 mismatches, duplicates, gaps

@@ -10,7 +10,11 @@ kept-alive connection, as any lean HTTP client would send it: the figure is the 
 not a client library's (``requests`` spends about 0.3 ms of the client's CPU per call, on the
 same two cores the platform runs on).
 
-    python benchmarks/dispatch.py [--runs 500]
+``--org-queues 0,16`` measures once per value of TRACE_BROKER_ORG_QUEUES (each on its own platform,
+one after the other, in the same run) and prints how the second and later compare with the first:
+the cost of the org queues (docs/reliability.md, Fairness) on the hot path.
+
+    python benchmarks/dispatch.py [--runs 500] [--org-queues 0,16]
 """
 
 from __future__ import annotations
@@ -37,10 +41,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--org-queues", default="", help="comma-separated TRACE_BROKER_ORG_QUEUES values to compare")
     args = parser.parse_args()
+    settings: list[int | None] = [int(value) for value in args.org_queues.split(",") if value.strip()]
+    settings = settings or [None]
+    figures = [measure(args, org_queues) for org_queues in settings]
+    for org_queues, (_, trace) in zip(settings[1:], figures[1:], strict=True):
+        first = figures[0][1]
+        p50, p95 = (percentile(trace, q) / percentile(first, q) for q in (.5, .95))
+        print(f"org queues {org_queues} / {settings[0]}: Trace p50 {p50:.3f}x, p95 {p95:.3f}x")
 
+
+def measure(args: argparse.Namespace, org_queues: int | None) -> tuple[list[float], list[float]]:
+    """One platform: (raw Celery round trips, Trace dispatches), in ms; prints its table."""
     # The per-org run rate limit (600 a minute by default) is not what is measured here.
-    with running_platform(env={"TRACE_RUN_RATE_LIMIT": str(2 * (args.runs + args.warmup))}) as platform:
+    env = {"TRACE_RUN_RATE_LIMIT": str(2 * (args.runs + args.warmup))}
+    if org_queues is not None:
+        env["TRACE_BROKER_ORG_QUEUES"] = str(org_queues)
+    with running_platform(env=env) as platform:
         settings, url, http = platform.settings, platform.url, platform.http
         put = http.put(f"{url}/v1/dags/bench", data="- name: bench_noop\n  runtime: platform\n  operator: noop\n",
                        headers={"Content-Type": "application/yaml"})
@@ -97,7 +115,8 @@ def main() -> None:
 
         rows = [("raw Celery round trip (baseline)", raw), ("Trace: POST run -> attempt succeeded", trace),
                 ("  of which server side (run row -> attempt row)", server)]
-        print(f"dispatch overhead, {args.runs} runs each, interleaved (ms)")
+        queues = "" if org_queues is None else f", TRACE_BROKER_ORG_QUEUES={org_queues}"
+        print(f"dispatch overhead, {args.runs} runs each, interleaved (ms){queues}")
         print(f"{'':48} {'p50':>8} {'p95':>8} {'mean':>8}")
         for label, values in rows:
             print(f"{label:48} {percentile(values, .5):8.2f} {percentile(values, .95):8.2f} "
@@ -108,6 +127,7 @@ def main() -> None:
               f"(goal: p95 <= 5 ms and <= 1.5x)")
         print(f"goal p95 <= 5 ms: {'met' if percentile(trace, .95) <= 5 else 'NOT met'}; "
               f"goal <= 1.5x: {'met' if p95_ratio <= 1.5 else 'NOT met'}")
+        return raw, trace
 
 
 

@@ -31,7 +31,7 @@ def on_task_succeeded(sender: Flask, *, org_id: uuid.UUID, job_name: str, named_
     if not named_by_composite:
         return
     for fired in composite.on_task_succeeded(org_id, job_name):
-        celery_app.enqueue(sender, fired)
+        celery_app.enqueue(sender, fired, org_id=org_id)
 
 
 def connect() -> None:

@@ -32,9 +32,10 @@ def dataset_updated(dataset_id: str, version: int) -> int:
     fires whatever this misses); answers how many runs it made."""
     task_ids = reactive.on_dataset_updated(dataset_id, version)
     dataset = db.session.get(Dataset, uuid.UUID(dataset_id))
-    if dataset is not None:
-        task_ids += composite.on_dataset_updated(dataset.org_id, dataset.id)
+    composites = [] if dataset is None else composite.on_dataset_updated(dataset.org_id, dataset.id)
     app = flask_app._get_current_object()  # type: ignore[attr-defined]
-    for task_id in task_ids:
+    for task_id in task_ids:  # watchers may be of other orgs (a platform dataset): the shared queue
         enqueue(app, task_id, 0)
-    return len(task_ids)
+    for task_id in composites:  # the dataset's org's own composites: its org queue
+        enqueue(app, task_id, 0, org_id=dataset.org_id if dataset is not None else None)
+    return len(task_ids) + len(composites)

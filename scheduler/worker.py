@@ -29,5 +29,5 @@ def create_worker_app() -> Celery:
 
 def run(settings: Settings, *, concurrency: int | None = None, pool: str = "prefork",
         name: str | None = None) -> None:
-    """`trace worker`: a Celery worker on the ``trace`` queue."""
+    """`trace worker`: a Celery worker on the ``trace`` queue and the org queues (workers/main.py)."""
     worker_main.run(create_worker_app(), settings, concurrency=concurrency, pool=pool, name=name)

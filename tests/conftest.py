@@ -32,6 +32,7 @@ from tracecore.db.engine import db, sqlalchemy_url
 from tracecore.db.migrate import upgrade
 from tracecore.infra.embedded import EmbeddedServices
 from tracecore.settings import Settings, configure
+from workers.messages import queue_names
 
 pytest_plugins = ["tests.anvil"]  # the `anvil` fixture: real chain nodes, for any test that needs one
 
@@ -194,6 +195,7 @@ def process_env(settings: Settings) -> dict[str, str]:
         "TRACE_DATABASE_URL": settings.database_url or "", "TRACE_BROKER_URL": settings.broker_url or "",
         "TRACE_HOME": settings.home, "TRACE_LEASE_TTL": str(settings.lease_ttl),
         "TRACE_REAPER_INTERVAL": str(settings.reaper_interval),
+        "TRACE_BROKER_ORG_QUEUES": str(settings.broker_org_queues),
         "TRACE_RETRY_BASE_DELAY": str(settings.retry_base_delay),
         "TRACE_RETRY_MAX_DELAY": str(settings.retry_max_delay), "TRACE_PLUGINS": ",".join(settings.plugins),
         "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore",
@@ -234,8 +236,9 @@ class Processes:
         (acks_late: a task's message is acked once the task, after-hooks included, returned)."""
         broker = redis.Redis.from_url(self.settings.broker_url or "")
         try:
-            wait_for(lambda: broker.llen("trace") == 0 and broker.hlen("unacked") == 0, timeout=timeout,
-                     message="the workers to be idle")
+            queues = queue_names("trace", self.settings.broker_org_queues)
+            wait_for(lambda: sum(broker.llen(queue) for queue in queues) == 0 and broker.hlen("unacked") == 0,
+                     timeout=timeout, message="the workers to be idle")
         finally:
             broker.close()
 

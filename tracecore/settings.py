@@ -61,6 +61,10 @@ class Settings:
         None, "Key that signs capability tokens. Unset: a random key kept in TRACE_HOME/secret-key.")
     lease_ttl: float = _setting(
         120.0, "Seconds a task lease lasts before the reaper may hand the task to another worker.")
+    broker_org_queues: int = _setting(
+        16, "Broker queues an org's execute_task messages are spread over (by a hash of the org id); "
+            "workers take from them in turn, so one org's backlog cannot hold back another's. "
+            "0: one shared first-in-first-out queue.")
     reaper_interval: float = _setting(15.0, "Seconds between runs of the lease reaper (a beat entry).")
     retry_base_delay: float = _setting(
         1.0, "Base of the exponential retry backoff, in seconds (delay = base * 2**n, with jitter).")

@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_process_init
 from flask import Flask
+from kombu import Exchange, Queue
 
 from tracecore.appctx import create_base_app
 from tracecore.infra import embedded
@@ -54,12 +55,19 @@ def make_celery(flask_app: Flask) -> Celery:
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        # round_robin (kombu's default, stated): after a message is taken from a queue, that queue goes
+        # last in the next BRPOP, so an org queue holding a backlog cannot starve the others.
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout,
+                                  "queue_order_strategy": "round_robin"},
         result_backend_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue="trace",
+        # The default queue and the org queues (workers/messages.py): what a worker consumes when
+        # started without --queues (`trace worker` names them too).
+        task_queues=[Queue(name, Exchange(name), routing_key=name)
+                     for name in messages.queue_names("trace", settings.broker_org_queues)],
         task_serializer="json",
         accept_content=["json"],
         result_expires=3600,
@@ -73,18 +81,33 @@ def make_celery(flask_app: Flask) -> Celery:
     flask_app.extensions["celery"] = celery
     # Where enqueue() may LPUSH directly (None: through send_task); the configuration is fixed from here on.
     flask_app.extensions["trace_direct_queue"] = messages.direct_queue(celery)
+    flask_app.extensions["trace_org_queues"] = settings.broker_org_queues
+    flask_app.extensions["trace_queues"] = frozenset(messages.queue_names("trace", settings.broker_org_queues))
     return celery
 
 
-def enqueue(flask_app: Flask, task_id: uuid.UUID | str, countdown: float | None = None) -> None:
+def enqueue(flask_app: Flask, task_id: uuid.UUID | str, countdown: float | None = None, *,
+            org_id: uuid.UUID | str | None = None, queue: str | None = None) -> None:
     """Send ``execute_task`` for a committed task row (straight onto a Redis queue when it can:
-    workers/messages.py)."""
+    workers/messages.py), onto its org's queue (``org_id``), or onto ``queue``, one of the app's
+    (:func:`delivered_on`); without either, the default queue."""
     celery: Celery = flask_app.extensions["celery"]
-    queue = None if countdown else flask_app.extensions.get("trace_direct_queue")
-    if queue is not None:
+    if queue is None or queue not in flask_app.extensions["trace_queues"]:
+        queue = messages.org_queue("trace", flask_app.extensions["trace_org_queues"], org_id)
+    direct = None if countdown else flask_app.extensions.get("trace_direct_queue")
+    if direct is not None:
         messages.publish(celery, queue, EXECUTE_TASK, [str(task_id)])
     else:
-        celery.send_task(EXECUTE_TASK, args=[str(task_id)], countdown=countdown, ignore_result=True)
+        celery.send_task(EXECUTE_TASK, args=[str(task_id)], countdown=countdown, ignore_result=True,
+                         queue=None if queue == "trace" else queue)
+
+
+def delivered_on(request: Any) -> str | None:
+    """The queue a task's message came from (its routing key), to send the same task again onto
+    the same org queue without asking the database whose it is."""
+    info = getattr(request, "delivery_info", None) or {}
+    key = info.get("routing_key")
+    return str(key) if key else None
 
 
 def dataset_updated(flask_app: Flask, dataset_id: uuid.UUID | str, version: int) -> None:

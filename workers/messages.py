@@ -10,6 +10,11 @@ writes, field by field, so a Celery or kombu upgrade that changes the format fai
 Only the plain case takes this path: a ``redis://``, ``rediss://`` or ``unix://`` broker, no
 countdown, no task routes and no key prefix in the transport options. Everything else goes
 through ``send_task``.
+
+Fairness: an org's messages go onto one of ``TRACE_BROKER_ORG_QUEUES`` queues named
+``<default queue>.<n>``, ``n`` a hash of the org id (:func:`org_queue`); the worker consumes all
+of them and the default queue with kombu's round-robin order, so a flooding org's backlog sits in
+its own list while another org's message is taken next (docs/reliability.md, Fairness).
 """
 
 from __future__ import annotations
@@ -47,9 +52,28 @@ def direct_queue(celery: Celery) -> str | None:
     return str(conf.task_default_queue)
 
 
+def queue_names(default_queue: str, org_queues: int) -> list[str]:
+    """Every queue a worker consumes: the default queue first, then the org queues."""
+    return [default_queue, *(f"{default_queue}.{n}" for n in range(max(0, org_queues)))]
+
+
+def org_queue(default_queue: str, org_queues: int, org_id: uuid.UUID | str | None) -> str:
+    """The queue of an org's ``execute_task`` messages (the default queue when there are no org
+    queues or the sender does not know the org).
+
+    A fixed number of queues and a hash, not one queue per org: the worker's BRPOP names every
+    queue it consumes, so their set must be known when it starts (stochastic fairness queueing:
+    two orgs that hash alike share a queue, first in first out)."""
+    if org_queues <= 0 or org_id is None:
+        return default_queue
+    number = (org_id if isinstance(org_id, uuid.UUID) else uuid.UUID(str(org_id))).int % org_queues
+    return f"{default_queue}.{number}"
+
+
 def task_message(celery: Celery, name: str, args: list[Any], *, ignore_result: bool = True,
-                 message_id: str | None = None) -> bytes:
-    """The broker's bytes for one task message (protocol 2, JSON, as kombu's Redis transport stores it)."""
+                 message_id: str | None = None, queue: str | None = None) -> bytes:
+    """The broker's bytes for one task message (protocol 2, JSON, as kombu's Redis transport stores it);
+    ``queue`` (default: the default queue) is its routing key, where kombu restores it when unacked."""
     message_id = message_id or str(uuid.uuid4())
     body = json.dumps([args, {}, _EMBED]).encode()
     argsrepr = repr(args)
@@ -64,7 +88,7 @@ def task_message(celery: Celery, name: str, args: list[Any], *, ignore_result: b
         "headers": headers,
         "properties": {
             "correlation_id": message_id, "reply_to": celery.thread_oid, "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": str(celery.conf.task_default_queue)},
+            "delivery_info": {"exchange": "", "routing_key": queue or str(celery.conf.task_default_queue)},
             "priority": 0, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
         },
     }
@@ -72,8 +96,8 @@ def task_message(celery: Celery, name: str, args: list[Any], *, ignore_result: b
 
 
 def publish(celery: Celery, queue: str, name: str, args: list[Any]) -> None:
-    """LPUSH one task message onto ``queue`` (from :func:`direct_queue`)."""
-    _client(str(celery.conf.broker_url)).lpush(queue, task_message(celery, name, args))
+    """LPUSH one task message onto ``queue`` (:func:`direct_queue` or an :func:`org_queue` of it)."""
+    _client(str(celery.conf.broker_url)).lpush(queue, task_message(celery, name, args, queue=queue))
 
 
 def _client(url: str) -> redis.Redis:

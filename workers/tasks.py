@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from celery import Task as CeleryTask
 from celery import current_app, shared_task
 from flask import current_app as flask_app
 from sqlalchemy import select
@@ -32,6 +33,7 @@ from .app import (
     PING,
     REAP_LEASES,
     REAP_SANDBOXES,
+    delivered_on,
     enqueue,
 )
 from .chain import backfill
@@ -45,24 +47,32 @@ def _enqueue(task_id: str, countdown: float) -> None:
     enqueue(flask_app._get_current_object(), task_id, countdown)  # type: ignore[attr-defined]
 
 
-@shared_task(name=EXECUTE_TASK, ignore_result=True)
-def execute_task(task_id: str) -> str:
-    return dispatcher.execute(flask_app._get_current_object(), task_id, _enqueue)  # type: ignore[attr-defined]
+@shared_task(name=EXECUTE_TASK, ignore_result=True, bind=True)
+def execute_task(self: CeleryTask, task_id: str) -> str:
+    # A retry or a capacity refusal goes back onto the queue the message came from: its org's.
+    queue = delivered_on(self.request)
+    app = flask_app._get_current_object()  # type: ignore[attr-defined]
+
+    def again(task_id: str, countdown: float) -> None:
+        enqueue(app, task_id, countdown, queue=queue)
+
+    return dispatcher.execute(app, task_id, again)
 
 
 @shared_task(name=REAP_LEASES, ignore_result=True)
 def reap_leases() -> int:
     settings = current_settings()
-    task_ids = leases.reap(stale_after=settings.lease_ttl)
-    in_dags = _tasks_of_dag_runs(task_ids)
-    for task_id in task_ids:
+    reaped = leases.reap_with_orgs(stale_after=settings.lease_ttl)
+    in_dags = _tasks_of_dag_runs([task_id for task_id, _ in reaped])
+    app = flask_app._get_current_object()  # type: ignore[attr-defined]
+    for task_id, org_id in reaped:
         if task_id in in_dags:  # a DAG run's task goes through the dependency gate, never around it;
             # one still waiting for its upstreams is left to its canvas (no polling message per reap)
             if dag_runs.gate(str(task_id)) is Gate.READY:
                 current_app.send_task(EXECUTE_DAG_TASK, args=[str(task_id)])
         else:
-            _enqueue(str(task_id), 0)
-    return len(task_ids)
+            enqueue(app, task_id, 0, org_id=org_id)
+    return len(reaped)
 
 
 def _tasks_of_dag_runs(task_ids: list) -> set:

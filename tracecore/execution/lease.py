@@ -192,9 +192,14 @@ def reap(stale_after: float) -> list[uuid.UUID]:
     Also answers queued or retrying tasks whose message seems lost (older than
     ``stale_after``): a duplicate message is harmless, the lease dedupes it.
     """
+    return [task_id for task_id, _ in reap_with_orgs(stale_after)]
+
+
+def reap_with_orgs(stale_after: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """:func:`reap`, answering (task id, org id): a reaped task goes back onto its org's queue."""
     rows = db.session.execute(sql.REAP, {"stale": stale_after}).all()
     for row in rows:
         if row.state == TaskState.DEAD_LETTER:
             db.session.execute(sql.COUNT_DEAD_TASK, {"run_id": row.run_id})
     db.session.commit()
-    return [row.id for row in rows if row.state == TaskState.QUEUED]
+    return [(row.id, row.org_id) for row in rows if row.state == TaskState.QUEUED]

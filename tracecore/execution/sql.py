@@ -204,9 +204,9 @@ WITH expired AS (
   WHERE id IN (SELECT id FROM tasks WHERE (state = 'queued' AND updated_at < now() - make_interval(secs => :stale))
                   OR (state = 'retrying' AND next_attempt_at < now() - make_interval(secs => :stale))
                FOR UPDATE SKIP LOCKED)
-  RETURNING id
+  RETURNING id, org_id
 )
-SELECT id, run_id, state FROM requeued UNION ALL SELECT id, NULL, 'queued' FROM forgotten
+SELECT id, run_id, state, org_id FROM requeued UNION ALL SELECT id, NULL, 'queued', org_id FROM forgotten
 """)
 
 COUNT_DEAD_TASK = text(_COUNT_CLOSED_TASK.format(run_id=":run_id", failed="1", only_if=""))

@@ -129,7 +129,7 @@ def trigger_job(body: dict, name: str, rate: runs.RateLimit) -> ResponseReturnVa
     run_id, _ = runs.create_enqueued_run(org_id=principal.org_id, job_name=name, cause="manual",
                                          triggered_by=principal.user_id, parameters=body["parameters"],
                                          config_overrides=body["config"], rate=rate,
-                                         enqueue=lambda task_id: enqueue(app, task_id))
+                                         enqueue=lambda task_id: enqueue(app, task_id, org_id=principal.org_id))
     return {"run_id": run_id}
 
 

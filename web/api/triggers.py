@@ -165,7 +165,7 @@ def receive_hook(trigger_id: str) -> ResponseReturnValue:
         run_id, _ = runs.create_enqueued_run(org_id=trigger.org_id, job_name=job.name, cause="webhook",
                                              triggered_by=None, parameters=parameters,
                                              rate=runs.RateLimit.of(settings),
-                                             enqueue=lambda task_id: enqueue(app, task_id))
+                                             enqueue=lambda task_id: enqueue(app, task_id, org_id=trigger.org_id))
     except runs.RateLimited as exc:
         return rate_limit_response(exc)
     return {"run_id": run_id}

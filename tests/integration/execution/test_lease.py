@@ -254,6 +254,8 @@ def test_reap_requeues_expired_leases_and_dead_letters_exhausted_ones(
     assert lease.reap(stale_after=3600) == []
     assert lease.reap(stale_after=0) == [waiting]
     assert task_row(waiting).state == "queued"
+    # The worker's reaper re-sends each onto its org's queue (docs/reliability.md, Fairness).
+    assert lease.reap_with_orgs(stale_after=0) == [(waiting, task_row(waiting).org_id)]
 
 
 @pytest.mark.parametrize("attempt_number", [1, 2, 3, 4, 5, 6, 8])

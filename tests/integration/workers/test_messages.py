@@ -58,6 +58,36 @@ def test_the_message_is_the_one_send_task_writes(settings: Settings) -> None:
     assert theirs["body"] == [[task_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
 
 
+def test_an_org_queue_message_is_the_one_send_task_writes_to_that_queue(settings: Settings) -> None:
+    default = f"compare-{uuid.uuid4().hex}"
+    org_queue = messages.org_queue(default, 16, uuid.uuid4())
+    assert org_queue.startswith(f"{default}.") and org_queue in messages.queue_names(default, 16)
+    celery = _celery(settings, default)
+    broker = redis.Redis.from_url(settings.broker_url or "")
+    task_id = str(uuid.uuid4())
+    try:
+        result = celery.send_task(EXECUTE_TASK, args=[task_id], ignore_result=True, queue=org_queue)
+        theirs = _envelope(broker.rpop(org_queue))  # type: ignore[arg-type]
+        messages.publish(celery, org_queue, EXECUTE_TASK, [task_id])
+        ours_raw = broker.rpop(org_queue)
+        ours = _envelope(messages.task_message(celery, EXECUTE_TASK, [task_id], message_id=result.id,
+                                               queue=org_queue))
+        assert broker.llen(default) == 0  # nothing went to the default queue
+    finally:
+        broker.delete(default, org_queue)
+    assert ours_raw is not None and _envelope(ours_raw)["properties"]["delivery_info"]["routing_key"] == org_queue
+    assert ours["properties"].pop("delivery_tag") != theirs["properties"].pop("delivery_tag")
+    assert ours == theirs  # the routing key too: kombu restores an unacked message onto that queue
+
+
+def test_an_org_has_one_queue_and_orgs_spread_over_all() -> None:
+    orgs = [uuid.uuid4() for _ in range(400)]
+    assert {messages.org_queue("trace", 16, org) for org in orgs} == set(messages.queue_names("trace", 16)[1:])
+    assert all(messages.org_queue("trace", 16, org) == messages.org_queue("trace", 16, str(org)) for org in orgs)
+    assert messages.org_queue("trace", 0, orgs[0]) == "trace"  # 0: the one shared queue
+    assert messages.org_queue("trace", 16, None) == "trace"  # a sender that does not know the org
+
+
 @pytest.mark.parametrize(("broker_url", "conf"), [
     ("amqp://guest@localhost//", {}),
     ("sentinel://localhost:26379", {}),
@@ -87,4 +117,4 @@ def test_a_worker_runs_and_acknowledges_a_direct_message(app: Flask, client: Fla
                  message=f"run {run_id} to succeed")
     # acks_late: kombu keeps each delivered message in `unacked` until the task returned.
     wait_for(lambda: broker.hlen("unacked") == 0, timeout=10, message="every message to be acknowledged")
-    assert broker.llen("trace") == 0
+    assert all(broker.llen(queue) == 0 for queue in messages.queue_names("trace", settings.broker_org_queues))
